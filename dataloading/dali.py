@@ -1,0 +1,364 @@
+"""The ``dali-cpu`` and ``dali-gpu`` backends: NVIDIA DALI pipelines behind the common interface.
+
+``dali-cpu`` decodes and augments with DALI's CPU operators. Without a GPU (device 'cpu') the
+pipeline runs with ``device_id=None`` and everything, normalization included, stays on the CPU.
+With a CUDA device the uint8 crops are copied to the GPU, where flip and normalization run.
+
+``dali-gpu`` decodes with nvJPEG (the ``mixed`` operator, buffers sized for full ImageNet
+images) and runs all augmentation on the GPU; it needs a CUDA device.
+
+Both use DALI's file reader on an explicit file list in ImageFolder order (so labels match the
+``pytorch`` backend), sharded by global rank; AutoAugment uses ``nvidia.dali.auto_aug`` (the
+ImageNet policy, on the CPU or the GPU alike). DALI is imported only when one of these backends
+is asked for.
+
+DALI's decoder stops the whole pipeline on a truncated or non-image file, so the file list is
+first checked by a quick, cached scan (see ``integrity``); ``verify_data`` makes it a full decode.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import warnings
+from typing import Iterator
+
+import torch
+
+from .common import (
+    CROP_PADDING,
+    IMAGENET_MEAN_255,
+    IMAGENET_STD_255,
+    RANDOM_AREA,
+    RANDOM_ASPECT_RATIO,
+    DataError,
+    ImageFolderListing,
+    shard_range,
+    train_batches_per_rank,
+    val_batch_sizes,
+    val_batches_per_rank,
+)
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install nvidia-dali-cuda120"
+READER_NAME = "Reader"
+# nvJPEG buffer sizes for full-size ImageNet images (NVIDIA's values), so the decoder does not
+# reallocate as it meets larger images; with the size hints of the largest ImageNet image.
+DEVICE_MEMORY_PADDING = 211025920
+HOST_MEMORY_PADDING = 140544512
+PREALLOCATE_WIDTH_HINT = 5980
+PREALLOCATE_HEIGHT_HINT = 6430
+# Attempts to draw a crop inside the image before falling back to a centre crop (as DLE).
+RANDOM_CROP_ATTEMPTS = 100
+# Largest AutoAugment translation as a fraction of the image side, as torchvision's ImageNet
+# policy (150 pixels of 331); DALI's default would be the whole side.
+AUTOAUGMENT_MAX_TRANSLATE = 150.0 / 331.0
+AUTOAUGMENT_FILL = 128
+
+
+def import_dali():
+    """The DALI modules this backend uses, or a DataError saying how to install DALI."""
+    try:
+        modules = {
+            "fn": importlib.import_module("nvidia.dali.fn"),
+            "types": importlib.import_module("nvidia.dali.types"),
+            "pipeline_def": importlib.import_module("nvidia.dali.pipeline").pipeline_def,
+            "auto_augment": importlib.import_module("nvidia.dali.auto_aug.auto_augment"),
+            "plugin": importlib.import_module("nvidia.dali.plugin.pytorch"),
+            "math": importlib.import_module("nvidia.dali.math"),
+        }
+    except ImportError as error:
+        raise DataError(f"the DALI backends need NVIDIA DALI ({INSTALL_HINT}); import failed: {error}") from error
+    return modules
+
+
+def dali_available() -> bool:
+    try:
+        import_dali()
+    except DataError:
+        return False
+    return True
+
+
+def _interp_type(types, interpolation: str):
+    return {
+        "bilinear": types.INTERP_LINEAR,
+        "bicubic": types.INTERP_CUBIC,
+        "triangular": types.INTERP_TRIANGULAR,
+    }[interpolation]
+
+
+def _normalize(fn, types, images, *, layout: str, mirror=None):
+    """Flip (optional), convert to float, normalize with the ImageNet mean/std, set the layout."""
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout=layout,
+        mean=list(IMAGENET_MEAN_255),
+        std=list(IMAGENET_STD_255),
+        mirror=mirror if mirror is not None else 0,
+    )
+
+
+def _auto_augment(dali, images, image_size: int):
+    # DALI's auto_aug module still calls a deprecated alias of `equalize` internally; the
+    # warning is about DALI's code, not ours, so it is silenced where it is raised.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*equalize.*")
+        return dali["auto_augment"].auto_augment(
+            images,
+            policy_name="image_net",
+            shape=[image_size, image_size],
+            max_translate_rel=AUTOAUGMENT_MAX_TRANSLATE,
+            fill_value=AUTOAUGMENT_FILL,
+        )
+
+
+def build_train_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu: bool, batch_size: int,
+                         threads: int, device_id, seed: int, shuffle_seed: int, prefetch: int, rank: int,
+                         world_size: int, image_size: int, interpolation: str, augmentation: str | None,
+                         layout: str):
+    fn, types = dali["fn"], dali["types"]
+
+    @dali["pipeline_def"](enable_conditionals=augmentation is not None)
+    def pipeline():
+        encoded, label = fn.readers.file(
+            files=files,
+            labels=labels,
+            name=READER_NAME,
+            shard_id=rank,
+            num_shards=world_size,
+            # A new global permutation each epoch (the same on every rank, so the shards stay
+            # disjoint); shards padded to equal size, so every rank runs the same number of steps.
+            shuffle_after_epoch=True,
+            shuffle_after_epoch_seed=shuffle_seed,
+            pad_last_batch=True,
+        )
+        crop_options = dict(
+            output_type=types.RGB,
+            random_area=list(RANDOM_AREA),
+            random_aspect_ratio=list(RANDOM_ASPECT_RATIO),
+            num_attempts=RANDOM_CROP_ATTEMPTS,
+            adjust_orientation=False,  # as PIL/ImageFolder, which ignore EXIF orientation
+        )
+        if gpu_decode:
+            crop_options.update(
+                device_memory_padding=DEVICE_MEMORY_PADDING,
+                host_memory_padding=HOST_MEMORY_PADDING,
+                preallocate_width_hint=PREALLOCATE_WIDTH_HINT,
+                preallocate_height_hint=PREALLOCATE_HEIGHT_HINT,
+            )
+        # The fused operator decodes only the crop's region of interest: much less work on the CPU.
+        images = fn.decoders.image_random_crop(encoded, device="mixed" if gpu_decode else "cpu", **crop_options)
+        # No antialiasing on this resize, as NVIDIA's pipeline: faster, and the crop is random anyway.
+        images = fn.resize(images, size=[image_size, image_size], interp_type=_interp_type(types, interpolation),
+                           antialias=False)
+        if augmentation == "autoaugment":
+            images = _auto_augment(dali, images, image_size)
+        if output_to_gpu and not gpu_decode:
+            images = images.gpu()  # uint8 crops cross the bus: a quarter of the float32 bytes
+        images = _normalize(fn, types, images, layout=layout, mirror=fn.random.coin_flip(probability=0.5))
+        if output_to_gpu:
+            label = label.gpu()
+        return images, label
+
+    return pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
+                    prefetch_queue_depth=prefetch)
+
+
+def build_val_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu: bool, batch_size: int,
+                       threads: int, device_id, seed: int, prefetch: int, image_size: int, interpolation: str,
+                       layout: str):
+    fn, types = dali["fn"], dali["types"]
+    target_short = image_size + CROP_PADDING
+
+    @dali["pipeline_def"]
+    def pipeline():
+        # This rank's shard is given as the file list, so the reader does not shard again.
+        encoded, label = fn.readers.file(files=files, labels=labels, name=READER_NAME, pad_last_batch=True)
+        decode_options = dict(output_type=types.RGB, adjust_orientation=False)
+        if gpu_decode:
+            decode_options.update(device_memory_padding=DEVICE_MEMORY_PADDING,
+                                  host_memory_padding=HOST_MEMORY_PADDING)
+        images = fn.decoders.image(encoded, device="mixed" if gpu_decode else "cpu", **decode_options)
+        # torchvision's Resize(int): the shorter side becomes `target_short`, the longer one
+        # floor(longer * target_short / shorter); computed here to get the same output sizes.
+        shape = fn.peek_image_shape(encoded, adjust_orientation=False)
+        height, width = shape[0], shape[1]
+        shorter = dali["math"].min(height, width)
+        new_height = fn.cast((height * target_short) // shorter, dtype=types.FLOAT)
+        new_width = fn.cast((width * target_short) // shorter, dtype=types.FLOAT)
+        images = fn.resize(images, resize_x=new_width, resize_y=new_height,
+                           interp_type=_interp_type(types, interpolation), antialias=True)
+        if output_to_gpu and not gpu_decode:
+            images = images.gpu()
+        images = fn.crop_mirror_normalize(
+            images,
+            crop=[image_size, image_size],
+            dtype=types.FLOAT,
+            output_layout=layout,
+            mean=list(IMAGENET_MEAN_255),
+            std=list(IMAGENET_STD_255),
+        )
+        if output_to_gpu:
+            label = label.gpu()
+        return images, label
+
+    return pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
+                    prefetch_queue_depth=prefetch)
+
+
+def _first_line_naming_the_failure(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "decode" in line.lower() or "nvImageCodec" in line:
+            return line
+    return lines[-1] if lines else type(error).__name__
+
+
+class DaliLoader:
+    """Iterable of (images, labels) for one split over a DALI pipeline.
+
+    Training yields `num_batches` full batches per epoch; DALI's padded tail (at most one more
+    batch) is read and dropped so that its epoch ends with ours. Validation yields this rank's
+    shard once, split into the same number of batches as on every other rank.
+    """
+
+    def __init__(self, dali, pipeline, *, training: bool, classes, batch_size: int, num_batches: int,
+                 shard_size: int, image_size: int, memory_format: torch.memory_format, device: torch.device,
+                 split: str):
+        self.classes = classes
+        self.batch_size = batch_size
+        self.training = training
+        self.device = device
+        self.num_samples = num_batches * batch_size if training else shard_size
+        self._num_batches = num_batches
+        self._split = split
+        self._image_size = image_size
+        self._memory_format = memory_format
+        self._channels_last = memory_format == torch.channels_last
+        self._pipeline = pipeline
+        self._iterator = None
+        if pipeline is not None:
+            plugin = dali["plugin"]
+            policy = plugin.LastBatchPolicy.FILL if training else plugin.LastBatchPolicy.PARTIAL
+            # prepare_first_batch=False: nothing runs until the first pass (cheap to construct).
+            self._iterator = plugin.DALIGenericIterator(
+                [pipeline], ["images", "labels"], reader_name=READER_NAME, last_batch_policy=policy,
+                auto_reset=True, prepare_first_batch=False,
+            )
+        self._val_sizes = None if training else val_batch_sizes(shard_size, num_batches, batch_size)
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Accepted for the common interface; DALI reshuffles after each epoch by itself."""
+
+    def _convert(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = outputs[0]["images"], outputs[0]["labels"]
+        if self._channels_last:
+            images = images.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last strides
+        return images, labels.view(-1).to(torch.int64)
+
+    def _dali_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            for outputs in self._iterator:
+                yield self._convert(outputs)
+        except RuntimeError as error:
+            raise DataError(
+                f"DALI failed reading {self._split} data: {_first_line_naming_the_failure(error)}; "
+                "rerun with --verify-data to find and skip unreadable images"
+            ) from error
+
+    def __iter__(self):
+        if self.training:
+            return self._train_epoch()
+        return self._val_epoch()
+
+    def _train_epoch(self):
+        for index, batch in enumerate(self._dali_batches()):
+            if index < self._num_batches:
+                yield batch
+            # else: the padded remainder of the shard, read only to close DALI's epoch.
+
+    def _val_epoch(self):
+        sizes = self._val_sizes
+        position = 0
+        if self._iterator is not None:
+            for images, labels in self._dali_batches():
+                # DALI gives ceil(shard / batch) batches; the common plan may split the last one.
+                while len(images) > 0:
+                    take = sizes[position] if position < len(sizes) else len(images)
+                    yield images[:take], labels[:take]
+                    images, labels = images[take:], labels[take:]
+                    position += 1
+        for _ in range(position, len(sizes)):  # this rank has fewer images than the others
+            yield self._empty_batch()
+
+    def _empty_batch(self):
+        size = self._image_size
+        images = torch.empty((0, 3, size, size), dtype=torch.float32, device=self.device,
+                             memory_format=self._memory_format)
+        return images, torch.empty((0,), dtype=torch.int64, device=self.device)
+
+
+def make_dali_loader(
+    listing: ImageFolderListing,
+    *,
+    training: bool,
+    gpu_decode: bool,
+    batch_size: int,
+    workers: int,
+    image_size: int,
+    interpolation: str,
+    augmentation: str | None,
+    memory_format: torch.memory_format,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+    seed: int,
+    prefetch: int,
+) -> DaliLoader:
+    dali = import_dali()
+    on_gpu = device.type == "cuda"
+    if gpu_decode and not on_gpu:
+        raise DataError("data backend 'dali-gpu' needs a CUDA GPU and none is in use; "
+                        "use --data-backend dali-cpu or pytorch")
+    split = "train" if training else "val"
+    layout = "HWC" if memory_format == torch.channels_last else "CHW"
+    common = dict(
+        gpu_decode=gpu_decode,
+        output_to_gpu=on_gpu,
+        batch_size=batch_size,
+        threads=max(1, workers),
+        device_id=device.index if on_gpu else None,
+        seed=seed + rank,  # augmentation differs per rank; the shuffle seed is shared
+        prefetch=max(1, prefetch),
+        image_size=image_size,
+        interpolation=interpolation,
+        layout=layout,
+    )
+    files = [path for path, _ in listing.samples]
+    labels = [label for _, label in listing.samples]
+    if training:
+        pipeline = build_train_pipeline(dali, files, labels, shuffle_seed=seed, rank=rank, world_size=world_size,
+                                        augmentation=augmentation, **common)
+        num_batches = train_batches_per_rank(len(files), batch_size, world_size)
+        shard_size = num_batches * batch_size
+    else:
+        shard = shard_range(len(files), rank, world_size)
+        shard_size = len(shard)
+        num_batches = val_batches_per_rank(len(files), batch_size, world_size)
+        pipeline = None
+        if shard_size > 0:  # DALI's reader refuses an empty list; such a rank yields empty batches
+            pipeline = build_val_pipeline(dali, files[shard.start:shard.stop], labels[shard.start:shard.stop],
+                                          **common)
+    logger.debug("DALI %s pipeline: %d batches of %d on rank %d/%d", split, num_batches, batch_size, rank,
+                 world_size)
+    loader = DaliLoader(dali, pipeline, training=training, classes=listing.classes, batch_size=batch_size,
+                        num_batches=num_batches, shard_size=shard_size, image_size=image_size,
+                        memory_format=memory_format,
+                        device=device, split=split)
+    return loader

@@ -1,0 +1,264 @@
+"""The ``pytorch`` backend: torchvision ImageFolder, PIL transforms, a DataLoader of uint8 batches.
+
+Workers decode and augment with PIL and collate uint8 N x 3 x H x W batches (no ToTensor); the
+conversion to float and the normalization happen on the target device. On CUDA the batches are
+pinned and a side stream uploads and normalizes the next batch while the current one is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+from .common import (
+    CROP_PADDING,
+    RANDOM_AREA,
+    RANDOM_ASPECT_RATIO,
+    DataError,
+    ImageFolderListing,
+    Normalizer,
+    shard_range,
+    train_batches_per_rank,
+    val_batch_sizes,
+    val_batches_per_rank,
+)
+
+logger = logging.getLogger(__name__)
+
+# PIL's bilinear filter widens with the downscale factor, i.e. it is DALI's "triangular".
+PIL_INTERPOLATION = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "triangular": InterpolationMode.BILINEAR,
+}
+# Grey fill for AutoAugment's geometric ops, as DALI's auto_augment uses by default.
+AUTOAUGMENT_FILL = [128, 128, 128]
+# A training sample that cannot be read is replaced by one of the next ones; give up after this
+# many unreadable files in a row (the data set is then broken rather than holding a bad file).
+MAX_SUBSTITUTE_TRIES = 16
+
+
+def train_transform(image_size: int, interpolation: str, augmentation: str | None) -> transforms.Compose:
+    mode = PIL_INTERPOLATION[interpolation]
+    steps = [
+        transforms.RandomResizedCrop(image_size, scale=RANDOM_AREA, ratio=RANDOM_ASPECT_RATIO,
+                                     interpolation=mode),
+        transforms.RandomHorizontalFlip(),
+    ]
+    if augmentation == "autoaugment":
+        steps.append(transforms.AutoAugment(transforms.AutoAugmentPolicy.IMAGENET, interpolation=mode,
+                                            fill=AUTOAUGMENT_FILL))
+    return transforms.Compose(steps)
+
+
+def val_transform(image_size: int, interpolation: str) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.Resize(image_size + CROP_PADDING, interpolation=PIL_INTERPOLATION[interpolation]),
+        transforms.CenterCrop(image_size),
+    ])
+
+
+class ListedImageFolder(datasets.ImageFolder):
+    """ImageFolder over a listing made beforehand (same order), tolerant of unreadable files.
+
+    An image PIL cannot read is named in a warning; in training it is replaced by the next
+    readable sample (batches stay full), in validation the sample becomes None and the collate
+    drops it (it is not counted).
+    """
+
+    def __init__(self, listing: ImageFolderListing, transform, *, substitute_unreadable: bool):
+        self.listing = listing
+        self.substitute_unreadable = substitute_unreadable
+        super().__init__(str(listing.root), transform=transform)
+
+    def find_classes(self, directory):
+        classes = list(self.listing.classes)
+        return classes, {name: index for index, name in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return list(self.listing.samples)
+
+    def _load(self, index: int):
+        path, label = self.samples[index]
+        try:
+            image = self.loader(path)  # opens and converts to RGB, which decodes the whole file
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            logger.warning("skipping unreadable image %s (%s: %s)", path, type(error).__name__, error)
+            return None
+        return self.transform(image), label
+
+    def __getitem__(self, index: int):
+        sample = self._load(index)
+        if sample is not None or not self.substitute_unreadable:
+            return sample
+        for step in range(1, MAX_SUBSTITUTE_TRIES + 1):
+            sample = self._load((index + step) % len(self.samples))
+            if sample is not None:
+                return sample
+        raise DataError(f"{MAX_SUBSTITUTE_TRIES + 1} unreadable images in a row after {self.samples[index][0]}")
+
+
+class Uint8Collate:
+    """PIL images -> one uint8 N x 3 x H x W tensor (in the requested memory format) + int64 labels.
+
+    None samples (unreadable validation images) are dropped, so a batch may be smaller, even
+    empty; its shape is then (0, 3, H, W).
+    """
+
+    def __init__(self, image_size: int, memory_format: torch.memory_format):
+        self.image_size = image_size
+        self.memory_format = memory_format
+
+    def __call__(self, batch):
+        batch = [sample for sample in batch if sample is not None]
+        size = self.image_size
+        images = torch.empty((len(batch), 3, size, size), dtype=torch.uint8,
+                             memory_format=self.memory_format)
+        # A view of the same memory with channels last, the order PIL's pixels come in.
+        pixels_hwc = images.permute(0, 2, 3, 1).numpy()
+        for index, (image, _) in enumerate(batch):
+            pixels_hwc[index] = np.asarray(image)
+        labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
+        return images, labels
+
+
+class ValBatchSampler(Sampler[list[int]]):
+    """This rank's contiguous shard in order, split into the same number of batches on every rank.
+
+    No sample is repeated, so each image is counted once over all ranks.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int):
+        shard = shard_range(num_samples, rank, world_size)
+        sizes = val_batch_sizes(len(shard), val_batches_per_rank(num_samples, batch_size, world_size),
+                                batch_size)
+        self.batches = []
+        start = shard.start
+        for size in sizes:
+            self.batches.append(list(range(start, start + size)))
+            start += size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def cuda_prefetch(batches, device: torch.device, normalize: Normalizer):
+    """Yield device batches; the next one is copied and normalized on a side stream meanwhile.
+
+    Each batch's work is ordered by an event the consumer's stream waits for, and its tensors are
+    marked as used on that stream so the caching allocator does not hand their memory out early.
+    """
+    stream = torch.cuda.Stream(device=device)
+    consumer = torch.cuda.current_stream(device)
+    stream.wait_stream(consumer)  # the normalization constants were made on the consumer's stream
+
+    def upload(images: torch.Tensor, labels: torch.Tensor):
+        with torch.cuda.stream(stream):
+            images = normalize(images.to(device, non_blocking=True))
+            labels = labels.to(device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return images, labels, ready
+
+    def hand_over(images: torch.Tensor, labels: torch.Tensor, ready: torch.cuda.Event):
+        consumer.wait_event(ready)
+        images.record_stream(consumer)
+        labels.record_stream(consumer)
+        return images, labels
+
+    pending = None
+    for images, labels in batches:
+        uploaded = upload(images, labels)
+        if pending is not None:
+            yield hand_over(*pending)
+        pending = uploaded
+    if pending is not None:
+        yield hand_over(*pending)
+
+
+class PytorchLoader:
+    """Iterable of (images, labels) for one split; see the package docstring for the contract."""
+
+    def __init__(
+        self,
+        listing: ImageFolderListing,
+        *,
+        training: bool,
+        batch_size: int,
+        workers: int,
+        image_size: int,
+        interpolation: str,
+        augmentation: str | None,
+        memory_format: torch.memory_format,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        seed: int,
+        prefetch: int,
+    ):
+        self.classes = listing.classes
+        self.batch_size = batch_size
+        self.training = training
+        self.device = device
+        self._epoch = 0
+        self._normalize = Normalizer(device, memory_format)
+        if training:
+            transform = train_transform(image_size, interpolation, augmentation)
+        else:
+            transform = val_transform(image_size, interpolation)
+        self.dataset = ListedImageFolder(listing, transform, substitute_unreadable=training)
+
+        sampling = {}
+        if training:
+            # Also with one process: it gives a seeded, per-epoch order and pads to equal shards.
+            self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
+                                              shuffle=True, seed=seed, drop_last=False)
+            sampling = dict(sampler=self.sampler, batch_size=batch_size, drop_last=True)
+            self.num_samples = train_batches_per_rank(len(listing), batch_size, world_size) * batch_size
+        else:
+            self.sampler = None
+            batch_sampler = ValBatchSampler(len(listing), batch_size, rank, world_size)
+            sampling = dict(batch_sampler=batch_sampler)
+            self.num_samples = len(shard_range(len(listing), rank, world_size))
+
+        worker_options = {}
+        if workers > 0:
+            worker_options = dict(prefetch_factor=max(1, prefetch), persistent_workers=True)
+        self.loader = DataLoader(
+            self.dataset,
+            num_workers=workers,
+            collate_fn=Uint8Collate(image_size, memory_format),
+            pin_memory=device.type == "cuda",
+            # Seeds the workers' random transforms: reproducible, different on each rank.
+            generator=torch.Generator().manual_seed(seed + rank),
+            **sampling,
+            **worker_options,
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the shuffling of the next pass (otherwise each pass takes the next epoch)."""
+        self._epoch = epoch
+
+    def __iter__(self):
+        if self.sampler is not None:
+            self.sampler.set_epoch(self._epoch)
+        self._epoch += 1
+        if self.device.type == "cuda":
+            return cuda_prefetch(self.loader, self.device, self._normalize)
+        return self._on_cpu()
+
+    def _on_cpu(self):
+        for images, labels in self.loader:
+            yield self._normalize(images), labels
