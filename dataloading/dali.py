@@ -18,6 +18,7 @@ first checked by a quick, cached scan (see ``integrity``); ``verify_data`` makes
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import warnings
@@ -102,17 +103,32 @@ def _normalize(fn, types, images, *, layout: str, mirror=None):
 
 
 def _auto_augment(dali, images, image_size: int):
-    # DALI's auto_aug module still calls a deprecated alias of `equalize` internally; the
-    # warning is about DALI's code, not ours, so it is silenced where it is raised.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*equalize.*")
-        return dali["auto_augment"].auto_augment(
-            images,
-            policy_name="image_net",
-            shape=[image_size, image_size],
-            max_translate_rel=AUTOAUGMENT_MAX_TRANSLATE,
-            fill_value=AUTOAUGMENT_FILL,
-        )
+    return dali["auto_augment"].auto_augment(
+        images,
+        policy_name="image_net",
+        shape=[image_size, image_size],
+        max_translate_rel=AUTOAUGMENT_MAX_TRANSLATE,
+        fill_value=AUTOAUGMENT_FILL,
+    )
+
+
+@contextlib.contextmanager
+def _without_dalis_own_deprecations():
+    """DALI's auto_aug module calls a deprecated alias of `equalize` itself. That warning is about
+    DALI's code, not ours, and DALI resets the warning filters when it issues it, so it is dropped
+    at display time, only while the pipeline graph is traced."""
+    show = warnings.showwarning
+
+    def show_others(message, category, *args, **kwargs):
+        if issubclass(category, DeprecationWarning) and "experimental.equalize" in str(message):
+            return
+        show(message, category, *args, **kwargs)
+
+    warnings.showwarning = show_others
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 def build_train_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu: bool, batch_size: int,
@@ -163,8 +179,9 @@ def build_train_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu
             label = label.gpu()
         return images, label
 
-    return pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
-                    prefetch_queue_depth=prefetch)
+    with _without_dalis_own_deprecations():  # the graph is traced here, not at the decorator
+        return pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
+                        prefetch_queue_depth=prefetch)
 
 
 def build_val_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu: bool, batch_size: int,
