@@ -165,7 +165,8 @@ def get_loaders(
     val_listing = _listing(data_root, "val", scan_level, cache_dir) if val else None
     if train_listing is not None and val_listing is not None:
         check_same_classes(train_listing, val_listing)
-    if train_listing is not None and train_batches_per_rank(len(train_listing), batch_size, world_size) == 0:
+    if train_listing is not None and (len(train_listing) < world_size
+                                      or train_batches_per_rank(len(train_listing), batch_size, world_size) == 0):
         raise DataError(f"training set too small: {len(train_listing)} images in {train_listing.root} "
                         f"make no full batch of {batch_size} on each of {world_size} ranks")
 

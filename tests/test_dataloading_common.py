@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -9,17 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torchvision.datasets import ImageFolder
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from dataloading import DataError, get_loaders, list_image_folder  # noqa: E402
-from dataloading import integrity  # noqa: E402
-from dataloading.common import shard_range, val_batch_sizes, val_batches_per_rank  # noqa: E402
-from dataloading.dali import dali_available  # noqa: E402
-from tests.data_utils import (  # noqa: E402
+from dataloading import DataError, get_loaders, list_image_folder
+from dataloading import integrity
+from dataloading.common import shard_range, val_batch_sizes, val_batches_per_rank
+from dataloading.dali import dali_available
+from tests.data_utils import (
     make_dataset,
     make_image_folder,
     write_garbage_jpeg,
@@ -27,10 +25,11 @@ from tests.data_utils import (  # noqa: E402
     write_truncated_jpeg,
 )
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 FOLDER_BACKENDS = [
     "pytorch",
-    pytest.param("dali-cpu", marks=pytest.mark.skipif(not dali_available(),
-                                                      reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120)")),
+    pytest.param("dali-cpu", marks=pytest.mark.skipif(
+        not dali_available(), reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120)")),
 ]
 
 
@@ -99,7 +98,7 @@ def test_synthetic_needs_no_data_folder_and_can_build_val_only():
 def test_listing_has_imagefolders_classes_and_order(tmp_path):
     # Names whose sorted order is not the obvious one; a nested folder; stray files.
     make_image_folder(tmp_path / "train", {"b": 2, "B": 2, "a10": 1, "a9": 2})
-    write_jpeg(tmp_path / "train" / "b" / "nested" / "x.JPEG", (1, 2, 3), 40, 40, __import__("random").Random(0))
+    write_jpeg(tmp_path / "train" / "b" / "nested" / "x.JPEG", (1, 2, 3), 40, 40, random.Random(0))
     (tmp_path / "train" / "b" / "notes.txt").write_text("not an image")
     (tmp_path / "train" / "a9" / ".DS_Store").write_bytes(b"\0\0")
     (tmp_path / "train" / "README").write_text("a stray file next to the class folders")
@@ -192,13 +191,11 @@ def test_val_plan_counts_each_sample_once_with_equal_batch_counts(num_samples, w
 
 @pytest.fixture
 def mixed_files(tmp_path):
-    import random
     data = tmp_path / "data"
     good = write_jpeg(data / "c" / "good.jpg", (10, 200, 30), 48, 40, random.Random(1))
     padded = data / "c" / "padded.jpg"  # legal: bytes after the end marker
     padded.write_bytes(good.read_bytes() + b"\0" * 3000)
     png = data / "c" / "image.png"
-    from PIL import Image
     Image.new("RGB", (20, 20), (1, 2, 3)).save(png)
     truncated = write_truncated_jpeg(data / "c" / "truncated.jpg", 0.6)
     garbage = write_garbage_jpeg(data / "c" / "garbage.jpg")
@@ -266,8 +263,8 @@ def test_package_imports_and_reports_missing_dali_without_it(tmp_path):
         "except dataloading.DataError as error:\n"
         "    print(error)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert result.returncode == 0, result.stderr
     assert "pip install nvidia-dali-cuda120" in result.stdout
     assert len(result.stdout.strip().splitlines()) == 1

@@ -1,20 +1,14 @@
 """The DALI backends: `dali-cpu` on the CPU (device_id=None); GPU checks run only where CUDA is."""
 
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from dataloading import IMAGENET_MEAN_255, IMAGENET_STD_255, DataError, get_loaders, integrity  # noqa: E402
-from dataloading.dali import dali_available  # noqa: E402
-from tests.data_utils import make_dataset, write_garbage_jpeg, write_truncated_jpeg  # noqa: E402
+from dataloading import IMAGENET_MEAN_255, IMAGENET_STD_255, DataError, get_loaders, integrity
+from dataloading.dali import dali_available
+from tests.data_utils import make_dataset, write_garbage_jpeg, write_truncated_jpeg
 
 pytestmark = pytest.mark.skipif(not dali_available(),
                                 reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120)")

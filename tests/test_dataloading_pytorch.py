@@ -1,19 +1,13 @@
 """The `pytorch` data backend on the CPU (the CUDA prefetcher test runs only where CUDA is)."""
 
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from dataloading import IMAGENET_MEAN_255, IMAGENET_STD_255, get_loaders, integrity  # noqa: E402
-from tests.data_utils import make_dataset, write_garbage_jpeg, write_truncated_jpeg  # noqa: E402
+from dataloading import IMAGENET_MEAN_255, IMAGENET_STD_255, get_loaders, integrity
+from tests.data_utils import make_dataset, write_garbage_jpeg, write_truncated_jpeg
 
 IMAGE_SIZE = 32
 MEMORY_FORMATS = [torch.contiguous_format, torch.channels_last]
