@@ -90,8 +90,10 @@ def _interp_type(types, interpolation: str):
     }[interpolation]
 
 
-def _normalize(fn, types, images, *, layout: str, mirror=None):
-    """Flip (optional), convert to float, normalize with the ImageNet mean/std, set the layout."""
+def _normalize(fn, types, images, *, layout: str, mirror=None, crop=None):
+    """Crop (optional, centred), flip (optional), convert to float, normalize with the ImageNet
+    mean/std and set the layout, in one operator."""
+    options = dict(crop=crop) if crop is not None else {}
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT,
@@ -99,6 +101,7 @@ def _normalize(fn, types, images, *, layout: str, mirror=None):
         mean=list(IMAGENET_MEAN_255),
         std=list(IMAGENET_STD_255),
         mirror=mirror if mirror is not None else 0,
+        **options,
     )
 
 
@@ -210,14 +213,7 @@ def build_val_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu: 
                            interp_type=_interp_type(types, interpolation), antialias=True)
         if output_to_gpu and not gpu_decode:
             images = images.gpu()
-        images = fn.crop_mirror_normalize(
-            images,
-            crop=[image_size, image_size],
-            dtype=types.FLOAT,
-            output_layout=layout,
-            mean=list(IMAGENET_MEAN_255),
-            std=list(IMAGENET_STD_255),
-        )
+        images = _normalize(fn, types, images, layout=layout, crop=[image_size, image_size])
         if output_to_gpu:
             label = label.gpu()
         return images, label
@@ -226,12 +222,13 @@ def build_val_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu: 
                     prefetch_queue_depth=prefetch)
 
 
-def _first_line_naming_the_failure(error: Exception) -> str:
+def _dali_failure_summary(error: Exception) -> str:
+    """The line of DALI's multi-line report that says what went wrong (it follows "encountered:")."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:
-        if "decode" in line.lower() or "nvImageCodec" in line:
-            return line
-    return lines[-1] if lines else type(error).__name__
+    if "encountered:" in lines and lines.index("encountered:") + 1 < len(lines):
+        return lines[lines.index("encountered:") + 1]
+    useful = [line for line in lines if "no longer valid" not in line]
+    return useful[-1] if useful else type(error).__name__
 
 
 class DaliLoader:
@@ -285,7 +282,7 @@ class DaliLoader:
                 yield self._convert(outputs)
         except RuntimeError as error:
             raise DataError(
-                f"DALI failed reading {self._split} data: {_first_line_naming_the_failure(error)}; "
+                f"DALI failed reading {self._split} data: {_dali_failure_summary(error)}; "
                 "rerun with --verify-data to find and skip unreadable images"
             ) from error
 

@@ -171,7 +171,7 @@ def test_a_decode_failure_past_the_scan_is_a_clear_error_not_a_crash(tmp_path, m
     write_garbage_jpeg(tmp_path / "val" / "a" / "a_0000.jpg")
     monkeypatch.setattr(integrity, "quick_error", lambda path: None)  # pretend the scan missed it
     val = loaders_for(tmp_path, train=False).val
-    with pytest.raises(DataError, match="DALI failed reading val data: .*--verify-data"):
+    with pytest.raises(DataError, match=r"DALI failed reading val data: nvImageCodec failure.*; rerun with --verify-data"):
         list(val)
 
 
