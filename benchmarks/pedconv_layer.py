@@ -1,0 +1,177 @@
+"""Per-layer cost of PEDConv against a static convolution, for every dynamic conv shape of ResNet-18/50.
+
+For each distinct shape that the release makes dynamic (224x224 input), times forward + backward (median of
+``--iters`` runs after a warm-up) of ``nn.Conv2d``, of ``PEDConv2d`` on its fast path (``auto``) and on the
+``reference`` path (the release's per-sample kernels), and measures the peak memory of one forward + backward.
+Totals weight each shape by how often it occurs in the network. Ratios are within one run, on one machine:
+
+    python benchmarks/pedconv_layer.py --arch resnet18 --batch-size 16
+    python benchmarks/pedconv_layer.py --arch resnet50 --batch-size 16 --methods grouped unfold   # per-path view
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torchvision
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from pedconv import PEDConv2d  # noqa: E402
+from pedconv.convert import default_predicate  # noqa: E402
+
+
+def dynamic_conv_shapes(arch: str, image_size: int = 224):
+    """OrderedDict (Cin, Cout, k, stride, padding, H) -> count, for the convs the release makes PEDConv."""
+    model = getattr(torchvision.models, arch)(weights=None)
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    keep = default_predicate(convs[0][0])
+    shapes: "OrderedDict[tuple, int]" = OrderedDict()
+
+    def record(module, inputs, _output):
+        key = (module.in_channels, module.out_channels, module.kernel_size[0], module.stride[0],
+               module.padding[0], inputs[0].shape[-1])
+        shapes[key] = shapes.get(key, 0) + 1
+
+    handles = [m.register_forward_hook(record) for name, m in convs if keep(name, m)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    for handle in handles:
+        handle.remove()
+    return shapes
+
+
+def build_layer(kind: str, shape, device, dtype):
+    cin, cout, k, stride, padding, _ = shape
+    if kind == "static":
+        layer = nn.Conv2d(cin, cout, k, stride, padding, bias=False)
+    else:
+        layer = PEDConv2d(cin, cout, k, stride, padding, method="auto" if kind == "fast" else kind)
+    return layer.to(device=device, dtype=dtype).train()
+
+
+def make_step(layer, shape, batch, device, dtype, channels_last):
+    cin, _, _, _, _, size = shape
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, cin, size, size, device=device, dtype=dtype).to(memory_format=memory_format)
+    x.requires_grad_(True)
+    grad = None
+
+    def step():
+        nonlocal grad
+        out = layer(x)
+        if grad is None:
+            grad = torch.randn_like(out)
+        out.backward(grad)
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_times(steps: dict, device, iters: int, warmup: int = 2) -> dict:
+    """Median seconds per step of each entry; the steps take turns, so that load from elsewhere hits all alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {kind: [] for kind in steps}
+    for _ in range(iters):
+        for kind, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[kind].append(time.perf_counter() - start)
+    return {kind: statistics.median(values) for kind, values in times.items()}
+
+
+def peak_memory(step, device) -> int:
+    """Peak bytes allocated during one step, on top of what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    current = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    parser.add_argument("-b", "--batch-size", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--methods", nargs="*", default=[], choices=["grouped", "unfold"],
+                        help="also time these forced paths (to check the auto choice)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference path")
+    args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+
+    kinds = ["static", "fast"] + list(args.methods) + ([] if args.no_reference else ["reference"])
+    shapes = dynamic_conv_shapes(args.arch)
+    print(f"# {args.arch}, batch {args.batch_size}, {args.dtype}, {device}, threads {torch.get_num_threads()}, "
+          f"{'channels_last' if args.channels_last else 'nchw'}; forward+backward, median of {args.iters}")
+    header = "cin cout k s size  n |" + "".join(f" {k:>10}" for k in kinds) + " | fast/static ref/fast |"
+    header += "" if args.no_memory else " MiB static  fast   ref | mem fast/static"
+    print(header)
+    totals = {kind: 0.0 for kind in kinds}
+    mem_totals = {kind: 0 for kind in kinds}
+    for shape, count in shapes.items():
+        steps = {
+            kind: make_step(build_layer(kind, shape, device, dtype), shape, args.batch_size, device, dtype,
+                            args.channels_last)
+            for kind in kinds
+        }
+        times = median_times(steps, device, args.iters)
+        memory = {} if args.no_memory else {kind: peak_memory(step, device) for kind, step in steps.items()}
+        for kind in kinds:
+            totals[kind] += count * times[kind]
+            mem_totals[kind] = max(mem_totals[kind], memory.get(kind, 0))
+        cin, cout, k, stride, _, size = shape
+        line = f"{cin:>3} {cout:>4} {k} {stride} {size:>4} {count:>2} |"
+        line += "".join(f" {times[kind] * 1e3:>8.1f}ms" for kind in kinds)
+        ref = times.get("reference")
+        line += f" | {times['fast'] / times['static']:>11.2f} {ref / times['fast'] if ref else float('nan'):>8.2f} |"
+        if not args.no_memory:
+            mib = {kind: memory[kind] / 2**20 for kind in kinds}
+            line += f" {mib['static']:>10.1f} {mib['fast']:>5.1f} {mib.get('reference', float('nan')):>5.1f} |"
+            line += f" {memory['fast'] / memory['static']:>15.2f}"
+        print(line, flush=True)
+    print("total (weighted by occurrences):" + "".join(f" {kind}={totals[kind]:.3f}s" for kind in kinds))
+    print(f"RATIO fast/static = {totals['fast'] / totals['static']:.3f}")
+    if "reference" in totals:
+        print(f"RATIO reference/fast = {totals['reference'] / totals['fast']:.3f}")
+    for kind in args.methods:
+        print(f"RATIO {kind}/static = {totals[kind] / totals['static']:.3f}")
+    if not args.no_memory:
+        print("largest per-layer peak memory: "
+              + " ".join(f"{kind}={mem_totals[kind] / 2**20:.1f}MiB" for kind in kinds))
+
+
+if __name__ == "__main__":
+    main()

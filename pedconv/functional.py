@@ -1,0 +1,365 @@
+"""The PEDConv operator as functions of tensors.
+
+Notation (one layer, batch B, rank R, G groups):
+
+    weight     W0        (Cout, Cin/G, kh, kw)   the shared base kernel
+    gate_out   a_out     (B, R, Cout)            output-filter gates
+    gate_in    a_in      (B, R, Cin/G)           input-channel gates (shared by the groups, as in the release)
+    gate_tap   a_k       (B, R, kh*kw)           spatial-tap gates
+
+    A_b = sum_r a_out[b,r] (x) a_in[b,r] (x) a_k[b,r]      (a rank-R CP tensor, shape of W0)
+    y_b = conv2d(x_b, W0 * A_b)
+
+Three ways to compute it, all equal up to rounding:
+
+- :func:`pedconv2d_reference`: what the authors' release does. One kernel per sample, (B, Cout, Cin/G, kh, kw),
+  and one convolution with the batch folded into the groups. Simple and slow: the kernels cost B times the weight.
+- ``grouped`` (in :func:`pedconv2d`): the same batch-folded convolution, used where it is fastest (large spatial
+  maps, few channels: the kernels are small and oneDNN/cuDNN run a direct convolution). The gates are folded into the
+  kernel: it is materialized anyway for the tap gate, and folding the channel gates too saves two passes over the
+  activations (measured faster than scaling the activations, see ``benchmarks/pedconv_layer.py``).
+- ``unfold``: no per-sample kernel at all. The input is unfolded (im2col, in NHWC order), each column scaled by
+  a_in[b, i] * a_k[b, p] in the same pass, and multiplied by the *shared* W0 in one GEMM over the whole batch; the
+  output is then scaled by a_out. Fastest where the spatial map is small and the channels many (the 14x14 and 7x7
+  stages), where per-sample kernels would be bandwidth-bound. Its backward is written by hand so that the weight
+  gradient is one GEMM too (autograd through a broadcast matmul would build B weight-sized partial gradients).
+
+For a 1x1 layer the tap gate is one scalar per sample and the layer is a static convolution between two channel
+scalings: y = (a_out * a_k) * conv(a_in * x, W0).
+
+:func:`pedconv2d` picks per call among these (``method="auto"``), and uses only batch-independent operations
+while exporting or tracing, so an exported graph keeps a dynamic batch axis.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+METHODS = ("auto", "grouped", "unfold", "reference")
+
+IntPair = Tuple[int, int]
+
+
+def _pair(value: Union[int, Sequence[int]]) -> IntPair:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(value)
+    if len(value) != 2:
+        raise ValueError(f"expected an int or a pair of ints, got {value!r}")
+    return (int(value[0]), int(value[1]))
+
+
+def conv_output_size(size: IntPair, kernel: IntPair, stride: IntPair, padding: IntPair, dilation: IntPair) -> IntPair:
+    """Output height and width of a convolution, as torch.nn.Conv2d computes them."""
+    return tuple(
+        (size[d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(2)
+    )
+
+
+def _is_exporting() -> bool:
+    """True while ONNX export, torch.export or a TorchScript trace records the graph."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    if torch.onnx.is_in_onnx_export():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_exporting") and compiler.is_exporting())
+
+
+def choose_method(
+    batch: int, in_channels: int, out_channels: int, kernel: IntPair, groups: int, out_size: IntPair
+) -> str:
+    """Pick the fastest exact path for one layer shape (``auto``).
+
+    The rule comes from ``benchmarks/pedconv_layer.py`` on CPU and GPU: per-sample kernels in a grouped
+    convolution win while the kernels are small next to the activations (large maps, few channels); the
+    unfolded GEMM with the shared weight wins once a per-sample kernel outweighs one sample's output map.
+    Grouped convolutions (depthwise included) always take per-sample kernels: their kernels are tiny.
+    """
+    if groups > 1:
+        return "grouped"
+    kernel_elems = out_channels * in_channels * kernel[0] * kernel[1]
+    out_elems = out_channels * out_size[0] * out_size[1]
+    return "grouped" if kernel_elems <= 2 * out_elems else "unfold"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference path: the release's computation.
+
+
+def modulation(gate_out: torch.Tensor, gate_in: torch.Tensor, gate_tap: torch.Tensor) -> torch.Tensor:
+    """A_b = sum_r a_out (x) a_in (x) a_k, shape (B, Cout, Cin/G, kh*kw)."""
+    return torch.einsum("bro,bri,brp->boip", gate_out, gate_in, gate_tap)
+
+
+def _grouped_conv(x, kernels, stride, padding, dilation, groups):
+    """Convolve each sample with its own kernel: batch folded into the groups. kernels: (B, Cout, Cin/G, kh, kw)."""
+    batch, in_channels, height, width = x.shape
+    out_channels = kernels.shape[1]
+    folded = F.conv2d(
+        x.reshape(1, batch * in_channels, height, width),
+        kernels.reshape(batch * out_channels, *kernels.shape[2:]),
+        None,
+        stride,
+        padding,
+        dilation,
+        groups * batch,
+    )
+    return folded.view(batch, out_channels, folded.shape[-2], folded.shape[-1])
+
+
+def pedconv2d_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    gate_out: torch.Tensor,
+    gate_in: torch.Tensor,
+    gate_tap: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: Union[int, IntPair] = 1,
+    padding: Union[int, IntPair] = 0,
+    dilation: Union[int, IntPair] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """PEDConv as the release computes it: full per-sample kernels and a batch-folded grouped convolution."""
+    batch = x.shape[0]
+    kernels = weight.unsqueeze(0) * modulation(gate_out, gate_in, gate_tap).view(batch, *weight.shape)
+    out = _grouped_conv(x.contiguous(), kernels, _pair(stride), _pair(padding), _pair(dilation), groups)
+    return _finish(out, bias, _memory_format_of(x) == torch.channels_last)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Unfold path: shared-weight GEMM on gated columns, hand-written backward.
+
+
+def _padded_nhwc(x: torch.Tensor, padding: IntPair) -> torch.Tensor:
+    """The zero-padded input as a contiguous (B, H + 2ph, W + 2pw, C) tensor: one pass, then windows read densely."""
+    batch, channels, height, width = x.shape
+    nhwc = x.permute(0, 2, 3, 1)
+    if padding == (0, 0):
+        return nhwc.contiguous()
+    padded = x.new_zeros(batch, height + 2 * padding[0], width + 2 * padding[1], channels)
+    padded[:, padding[0] : padding[0] + height, padding[1] : padding[1] + width].copy_(nhwc)
+    return padded
+
+
+def _windows(padded: torch.Tensor, kernel: IntPair, stride: IntPair, dilation: IntPair, out_size: IntPair):
+    """A (B, Ho, Wo, kh, kw, C) strided view of the padded NHWC input: the im2col columns in NHWC order."""
+    batch_stride, row_stride, col_stride, channel_stride = padded.stride()
+    return padded.as_strided(
+        (padded.shape[0], out_size[0], out_size[1], kernel[0], kernel[1], padded.shape[3]),
+        (
+            batch_stride,
+            row_stride * stride[0],
+            col_stride * stride[1],
+            row_stride * dilation[0],
+            col_stride * dilation[1],
+            channel_stride,
+        ),
+    )
+
+
+def _column_scale(gate_in: torch.Tensor, gate_tap: torch.Tensor, kernel: IntPair) -> torch.Tensor:
+    """a_k[b, p] * a_in[b, i], shaped (B, 1, 1, kh, kw, Cin) to broadcast over the windows."""
+    batch = gate_in.shape[0]
+    return (gate_tap.view(batch, kernel[0], kernel[1], 1) * gate_in.view(batch, 1, 1, -1)).unsqueeze(1).unsqueeze(1)
+
+
+class _UnfoldPEDConv(torch.autograd.Function):
+    """Rank-1, groups=1 PEDConv via gated im2col and one shared-weight GEMM (forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, channels_last):
+        batch = x.shape[0]
+        out_channels, in_channels, kh, kw = weight.shape
+        kernel = (kh, kw)
+        out_size = conv_output_size(tuple(x.shape[-2:]), kernel, stride, padding, dilation)
+        scale = _column_scale(gate_in, gate_tap, kernel)
+        columns = torch.empty(
+            (batch, out_size[0], out_size[1], kh, kw, in_channels), dtype=torch.result_type(x, scale), device=x.device
+        )
+        padded = _padded_nhwc(x, padding)
+        torch.mul(_windows(padded, kernel, stride, dilation, out_size), scale, out=columns)
+        weight_rows = weight.permute(0, 2, 3, 1).reshape(out_channels, -1).to(columns.dtype)
+        raw = torch.mm(columns.reshape(-1, weight_rows.shape[1]), weight_rows.t())  # (B*Ho*Wo, Cout): NHWC
+        raw_nchw = raw.view(batch, out_size[0], out_size[1], out_channels).permute(0, 3, 1, 2)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty_like(raw_nchw, memory_format=memory_format)
+        torch.mul(raw_nchw, gate_out.view(batch, out_channels, 1, 1).to(raw.dtype), out=out)
+        ctx.save_for_backward(padded, weight, gate_out, gate_in, gate_tap, columns, raw)
+        ctx.conv = (kernel, stride, padding, dilation, out_size, tuple(x.shape), _memory_format_of(x))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        padded, weight, gate_out, gate_in, gate_tap, columns, raw = ctx.saved_tensors
+        kernel, stride, padding, dilation, out_size, x_shape, x_format = ctx.conv
+        batch = x_shape[0]
+        out_channels, in_channels, kh, kw = weight.shape
+        compute_dtype = raw.dtype
+        # NHWC rows of the incoming gradient; a copy only when the caller's layout is NCHW.
+        grad_out_rows = grad_out.to(compute_dtype).permute(0, 2, 3, 1).reshape(-1, out_channels)
+        raw_grad_rows = grad_out_rows.view(batch, -1, out_channels) * gate_out.view(batch, 1, out_channels).to(
+            compute_dtype
+        )
+        grad_gate_out = grad_x = grad_weight = grad_gate_in = grad_gate_tap = None
+        if ctx.needs_input_grad[2]:
+            grad_gate_out = (grad_out_rows.view(batch, -1, out_channels) * raw.view(batch, -1, out_channels)).sum(1)
+            grad_gate_out = grad_gate_out.to(gate_out.dtype)
+        raw_grad_rows = raw_grad_rows.view(-1, out_channels)
+        weight_rows = weight.permute(0, 2, 3, 1).reshape(out_channels, -1).to(compute_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight_rows = torch.mm(raw_grad_rows.t(), columns.reshape(raw_grad_rows.shape[0], -1))
+            grad_weight = grad_weight_rows.view(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
+            grad_weight = grad_weight.to(weight.dtype).contiguous(memory_format=_memory_format_of(weight))
+        need_x, need_in, need_tap = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        if need_x or need_in or need_tap:
+            grad_columns = torch.mm(raw_grad_rows, weight_rows).view(columns.shape)  # w.r.t. the gated columns
+            scale = _column_scale(gate_in, gate_tap, kernel).to(compute_dtype)
+            if need_in or need_tap:
+                windows = _windows(padded, kernel, stride, dilation, out_size)
+                grad_scale = (grad_columns * windows).sum((1, 2))  # (B, kh, kw, Cin)
+                if need_in:
+                    grad_gate_in = (grad_scale * gate_tap.view(batch, kh, kw, 1)).sum((1, 2)).to(gate_in.dtype)
+                if need_tap:
+                    grad_gate_tap = (grad_scale * gate_in.view(batch, 1, 1, -1)).sum(3).view(batch, -1)
+                    grad_gate_tap = grad_gate_tap.to(gate_tap.dtype)
+            if need_x:
+                grad_x = _col2im(grad_columns.mul_(scale), x_shape, kernel, stride, padding, dilation)
+                grad_x = grad_x.contiguous(memory_format=x_format)
+        return grad_x, grad_weight, grad_gate_out, grad_gate_in, grad_gate_tap, None, None, None, None
+
+
+def _memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _col2im(grad_columns, x_shape, kernel, stride, padding, dilation):
+    """Sum NHWC column gradients (B, Ho, Wo, kh, kw, C) back onto the input (B, C, H, W): the adjoint of im2col."""
+    batch, channels, height, width = x_shape
+    padded = grad_columns.new_zeros(batch, height + 2 * padding[0], width + 2 * padding[1], channels)
+    out_h, out_w = grad_columns.shape[1], grad_columns.shape[2]
+    for row in range(kernel[0]):
+        for col in range(kernel[1]):
+            top, left = row * dilation[0], col * dilation[1]
+            padded[
+                :,
+                top : top + stride[0] * (out_h - 1) + 1 : stride[0],
+                left : left + stride[1] * (out_w - 1) + 1 : stride[1],
+            ] += grad_columns[:, :, :, row, col]
+    interior = padded[:, padding[0] : padding[0] + height, padding[1] : padding[1] + width]
+    return interior.permute(0, 3, 1, 2)
+
+
+def _unfold_gemm(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation):
+    """Sum of rank-1 :class:`_UnfoldPEDConv` terms, run in one dtype (autocast's, when it is on)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(x.dtype, weight.dtype)
+    tensors = [t.to(dtype) for t in (x, weight, gate_out, gate_in, gate_tap)]
+    x, weight, gate_out, gate_in, gate_tap = tensors
+    channels_last = _memory_format_of(x) == torch.channels_last
+    out = None
+    with torch.autocast(device_type, enabled=False):
+        for r in range(gate_out.shape[1]):
+            term = _UnfoldPEDConv.apply(
+                x, weight, gate_out[:, r], gate_in[:, r], gate_tap[:, r], stride, padding, dilation, channels_last
+            )
+            out = term if out is None else out + term
+    return out
+
+
+def _unfold_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups):
+    """The unfold path in plain differentiable, batch-independent ops (any rank and groups): for export."""
+    batch = x.shape[0]
+    out_channels, in_per_group, kh, kw = weight.shape
+    rank = gate_out.shape[1]
+    taps = kh * kw
+    out_size = conv_output_size(tuple(x.shape[-2:]), (kh, kw), stride, padding, dilation)
+    columns = F.unfold(x, (kh, kw), dilation, padding, stride)  # (B, Cin*taps, L), channel-major
+    columns = columns.view(batch, 1, groups, in_per_group, taps, -1)
+    scale = (gate_in.view(batch, rank, 1, in_per_group, 1) * gate_tap.view(batch, rank, 1, 1, taps)).unsqueeze(-1)
+    gated = (columns * scale).view(batch, rank, groups, in_per_group * taps, -1)
+    weight_groups = weight.view(groups, out_channels // groups, in_per_group * taps)
+    out = torch.matmul(weight_groups, gated)  # (B, R, G, Cout/G, L)
+    out = out.reshape(batch, rank, out_channels, -1) * gate_out.unsqueeze(-1)
+    return out.sum(1).view(batch, out_channels, out_size[0], out_size[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def pedconv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    gate_out: torch.Tensor,
+    gate_in: torch.Tensor,
+    gate_tap: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: Union[int, IntPair] = 1,
+    padding: Union[int, IntPair] = 0,
+    dilation: Union[int, IntPair] = 1,
+    groups: int = 1,
+    method: str = "auto",
+) -> torch.Tensor:
+    """PEDConv forward: y_b = conv2d(x_b, W0 * A_b) with A_b the rank-R CP product of the three gates.
+
+    Gates have shape (B, R, C) with C = Cout, Cin/groups and kh*kw. ``method`` is one of ``auto`` (fastest exact
+    path for the shape), ``grouped``, ``unfold`` or ``reference`` (see the module docstring). The output keeps
+    the input's memory format (channels_last in, channels_last out).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown PEDConv method {method!r}; expected one of {', '.join(METHODS)}")
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    channels_last = _memory_format_of(x) == torch.channels_last
+    if method == "reference":
+        return pedconv2d_reference(x, weight, gate_out, gate_in, gate_tap, bias, stride, padding, dilation, groups)
+    batch = x.shape[0]
+    out_channels, _, kh, kw = weight.shape
+
+    if kh * kw == 1:
+        # 1x1: a static convolution between two channel scalings (the tap gate is one scalar per sample).
+        return _pointwise(x, weight, gate_out * gate_tap, gate_in, bias, stride, padding, dilation, groups)
+
+    if _is_exporting():
+        out = _unfold_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups)
+        return _finish(out, bias, channels_last)
+
+    if method == "auto":
+        out_size = conv_output_size(tuple(x.shape[-2:]), (kh, kw), stride, padding, dilation)
+        method = choose_method(batch, x.shape[1], out_channels, (kh, kw), groups, out_size)
+    if method == "unfold" and groups == 1 and not torch.compiler.is_compiling():
+        # The hand-written backward is for eager mode; under torch.compile the composed ops below are traced instead.
+        return _finish(_unfold_gemm(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation), bias, channels_last)
+    if method == "unfold":
+        out = _unfold_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups)
+        return _finish(out, bias, channels_last)
+    # grouped: per-sample kernels, all gates folded in (the kernel is built anyway for the tap gate).
+    kernels = weight.unsqueeze(0) * modulation(gate_out, gate_in, gate_tap).view(batch, *weight.shape)
+    out = _grouped_conv(x.contiguous(), kernels, stride, padding, dilation, groups)
+    return _finish(out, bias, channels_last)
+
+
+def _pointwise(x, weight, out_scale, in_scale, bias, stride, padding, dilation, groups):
+    """Rank-R 1x1 PEDConv: sum_r out_scale_r * conv1x1(in_scale_r * x, W0)."""
+    out = None
+    for r in range(out_scale.shape[1]):
+        scaled = x * in_scale[:, r].repeat(1, groups)[:, :, None, None]
+        term = F.conv2d(scaled, weight, None, stride, padding, dilation, groups)
+        term = term * out_scale[:, r, :, None, None]
+        out = term if out is None else out + term
+    return _finish(out, bias, _memory_format_of(x) == torch.channels_last)
+
+
+def _finish(out, bias, channels_last):
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    if channels_last:
+        return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()
+
