@@ -73,16 +73,18 @@ def choose_method(
 ) -> str:
     """Pick the fastest exact path for one layer shape (``auto``).
 
-    The rule comes from ``benchmarks/pedconv_layer.py`` on CPU and GPU: per-sample kernels in a grouped
-    convolution win while the kernels are small next to the activations (large maps, few channels); the
-    unfolded GEMM with the shared weight wins once a per-sample kernel outweighs one sample's output map.
-    Grouped convolutions (depthwise included) always take per-sample kernels: their kernels are tiny.
+    The rule comes from ``benchmarks/pedconv_layer.py`` (2-core CPU, batch 16, ResNet-18/50 shapes): per-sample
+    kernels (``grouped``; for 1x1 a batched matmul) win while a kernel is small next to one sample's output map
+    (large maps, few channels); the shared weight (``unfold``; for 1x1 a static conv between channel scalings)
+    wins once the kernel outweighs the map (3x3: twice the map; 1x1: the map, since its shared path costs only
+    two scaling passes). Grouped convolutions (depthwise included) always take per-sample kernels: they are tiny.
     """
     if groups > 1:
         return "grouped"
-    kernel_elems = out_channels * in_channels * kernel[0] * kernel[1]
+    taps = kernel[0] * kernel[1]
+    kernel_elems = out_channels * in_channels * taps
     out_elems = out_channels * out_size[0] * out_size[1]
-    return "grouped" if kernel_elems <= 2 * out_elems else "unfold"
+    return "grouped" if kernel_elems <= (2 if taps > 1 else 1) * out_elems else "unfold"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,8 +325,15 @@ def pedconv2d(
     out_channels, _, kh, kw = weight.shape
 
     if kh * kw == 1:
-        # 1x1: a static convolution between two channel scalings (the tap gate is one scalar per sample).
-        return _pointwise(x, weight, gate_out * gate_tap, gate_in, bias, stride, padding, dilation, groups)
+        # 1x1: the tap gate is one scalar per sample, folded into the output gate.
+        out_scale = gate_out * gate_tap
+        if method == "auto":
+            out_size = conv_output_size(tuple(x.shape[-2:]), (1, 1), stride, padding, dilation)
+            method = choose_method(batch, x.shape[1], out_channels, (1, 1), groups, out_size)
+        if method in ("grouped", "reference") and groups == 1 and padding == (0, 0):
+            return _finish(_pointwise_per_sample(x, weight, out_scale, gate_in, stride), bias, channels_last)
+        return _finish(_pointwise_shared(x, weight, out_scale, gate_in, stride, padding, dilation, groups), bias,
+                       channels_last)
 
     if _is_exporting():
         out = _unfold_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups)
@@ -345,15 +354,33 @@ def pedconv2d(
     return _finish(out, bias, channels_last)
 
 
-def _pointwise(x, weight, out_scale, in_scale, bias, stride, padding, dilation, groups):
-    """Rank-R 1x1 PEDConv: sum_r out_scale_r * conv1x1(in_scale_r * x, W0)."""
+def _pointwise_shared(x, weight, out_scale, in_scale, stride, padding, dilation, groups):
+    """Rank-R 1x1 PEDConv with the shared weight: sum_r out_scale_r * conv1x1(in_scale_r * x, W0)."""
     out = None
     for r in range(out_scale.shape[1]):
         scaled = x * in_scale[:, r].repeat(1, groups)[:, :, None, None]
         term = F.conv2d(scaled, weight, None, stride, padding, dilation, groups)
         term = term * out_scale[:, r, :, None, None]
         out = term if out is None else out + term
-    return _finish(out, bias, _memory_format_of(x) == torch.channels_last)
+    return out
+
+
+def _pointwise_per_sample(x, weight, out_scale, in_scale, stride):
+    """1x1 PEDConv (groups 1, no padding) as one batched matmul with per-sample (Cout, Cin) matrices.
+
+    The matrices are small next to the activations in all but the last stage, no scaled copy of the activations is
+    made or kept for the backward, and a batched matmul keeps the batch axis dynamic for export.
+    """
+    if stride != (1, 1):
+        x = x[:, :, :: stride[0], :: stride[1]]
+    batch, in_channels, height, width = x.shape
+    matrices = torch.einsum("bro,bri,oi->boi", out_scale, in_scale, weight.view(weight.shape[0], in_channels))
+    if _memory_format_of(x) == torch.channels_last:
+        rows = x.permute(0, 2, 3, 1).reshape(batch, height * width, in_channels)
+        out = torch.bmm(rows, matrices.transpose(1, 2).to(rows.dtype))
+        return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
+    out = torch.bmm(matrices.to(x.dtype), x.reshape(batch, in_channels, height * width))
+    return out.view(batch, -1, height, width)
 
 
 def _finish(out, bias, channels_last):
