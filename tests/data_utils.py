@@ -60,12 +60,12 @@ def make_image_folder(
     rng = random.Random(seed)
     samples = []
     for index, name in enumerate(sorted(class_counts)):
+        (root / name).mkdir(parents=True, exist_ok=True)  # also for a class of 0 images
         colour = CLASS_COLOURS[index % len(CLASS_COLOURS)]
         for i in range(class_counts[name]):
             width, height = rng.randint(*size_range), rng.randint(*size_range)
             path = write_jpeg(root / name / f"{name}_{i:04d}.jpg", colour, width, height, rng)
             samples.append((path, index))
-    (root).mkdir(parents=True, exist_ok=True)
     return samples
 
 
