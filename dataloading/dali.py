@@ -90,10 +90,12 @@ def _interp_type(types, interpolation: str):
     }[interpolation]
 
 
-def _normalize(fn, types, images, *, layout: str, mirror=None, crop=None):
-    """Crop (optional, centred), flip (optional), convert to float, normalize with the ImageNet
-    mean/std and set the layout, in one operator."""
-    options = dict(crop=crop) if crop is not None else {}
+def _normalize(fn, types, images, *, layout: str, mirror=None, crop=None, crop_pos_x=None, crop_pos_y=None):
+    """Crop (optional), flip (optional), convert to float, normalize with the ImageNet mean/std
+    and set the layout, in one operator."""
+    options = {}
+    if crop is not None:
+        options.update(crop=crop, crop_pos_x=crop_pos_x, crop_pos_y=crop_pos_y)
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT,
@@ -103,6 +105,20 @@ def _normalize(fn, types, images, *, layout: str, mirror=None, crop=None):
         mirror=mirror if mirror is not None else 0,
         **options,
     )
+
+
+def _centre_crop_position(dali, length, crop: int):
+    """Relative crop position that puts the crop where torchvision's CenterCrop does.
+
+    torchvision starts the crop at round((length - crop) / 2) with Python's round, which rounds
+    halves to even; DALI's centred crop rounds them up, a pixel off for half the odd margins.
+    """
+    margin = length - crop
+    half = margin // 2
+    start = half + (margin & 1) * (half & 1)  # an odd margin with an odd half rounds up to even
+    types = dali["types"]
+    return dali["fn"].cast(start, dtype=types.FLOAT) / dali["fn"].cast(dali["math"].max(margin, 1),
+                                                                       dtype=types.FLOAT)
 
 
 def _auto_augment(dali, images, image_size: int):
@@ -207,13 +223,16 @@ def build_val_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu: 
         shape = fn.peek_image_shape(encoded, adjust_orientation=False)
         height, width = shape[0], shape[1]
         shorter = dali["math"].min(height, width)
-        new_height = fn.cast((height * target_short) // shorter, dtype=types.FLOAT)
-        new_width = fn.cast((width * target_short) // shorter, dtype=types.FLOAT)
-        images = fn.resize(images, resize_x=new_width, resize_y=new_height,
+        new_height = (height * target_short) // shorter
+        new_width = (width * target_short) // shorter
+        images = fn.resize(images, resize_x=fn.cast(new_width, dtype=types.FLOAT),
+                           resize_y=fn.cast(new_height, dtype=types.FLOAT),
                            interp_type=_interp_type(types, interpolation), antialias=True)
         if output_to_gpu and not gpu_decode:
             images = images.gpu()
-        images = _normalize(fn, types, images, layout=layout, crop=[image_size, image_size])
+        images = _normalize(fn, types, images, layout=layout, crop=[image_size, image_size],
+                            crop_pos_x=_centre_crop_position(dali, new_width, image_size),
+                            crop_pos_y=_centre_crop_position(dali, new_height, image_size))
         if output_to_gpu:
             label = label.gpu()
         return images, label
