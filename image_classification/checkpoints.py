@@ -1,0 +1,383 @@
+"""Checkpoints: reading, recognizing, loading into a model, and writing, all in one place.
+
+Formats read by :func:`load_checkpoint` (a checkpoint is data, never code: ``torch.load(..., weights_only=True)``
+only; numpy scalars and arrays are accepted as data, a file that needs any other class or function is refused):
+
+- ``state_dict``: a bare state_dict (torchvision's weight files, ``torch.save(model.state_dict())``).
+- ``release``: the authors' release's (and NVIDIA DLE's) dict ``{'epoch', 'arch', 'state_dict', 'best_prec1',
+  'optimizer'}``, its state_dict keys prefixed by ``module.`` (DistributedDataParallel); DLE adds
+  ``state_dict_ema``.
+- ``pedconv``: this project's own, written by :func:`make_checkpoint` and :func:`save_checkpoint`::
+
+      {'epoch': int (epochs done),
+       'arch': {'name': str, 'dynamic': bool, 'wmul': float, 'num_classes': int},
+       'state_dict': the model's state_dict, unprefixed,
+       'optimizer': optimizer.state_dict() or None,
+       'scaler': GradScaler.state_dict() or None,
+       'best_prec1': float or None,
+       'state_dict_ema': the EMA model's state_dict (unprefixed) or None,
+       'rng': {'torch': ByteTensor, 'cuda': [ByteTensor...], 'python': tuple, 'numpy': tuple} or None}
+
+``module.`` (DDP, DataParallel) and ``_orig_mod.`` (torch.compile) prefixes are removed from every state_dict.
+A checkpoint's architecture is taken from its keys and shapes (:func:`infer_arch`): PEDConv layers are recognized
+by their ``attn.fc_share`` weights, so a PEDConv checkpoint builds a PEDConv model without being told; the depth
+from the blocks per stage, the width multiplier from the block widths, the classes from ``fc.weight``.
+
+Every failure is a :class:`CheckpointError` (a ValueError) with a short message: one line for a missing,
+unreadable or refused file, a few lines (truncated lists) for keys or shapes that do not fit the model.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .models import ARCHITECTURES, STAGE_WIDTHS, BasicBlock, Bottleneck, build_model, layout, stage_widths
+
+PREFIXES = ("module.", "_orig_mod.")
+PEDCONV_KEY = ".attn.fc_share.weight"
+SHOWN = 3  # names shown per list in a mismatch message
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is refused, or does not fit the model; the message says why."""
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` read. ``arch`` = {'name', 'dynamic', 'wmul', 'num_classes'} (name/wmul may be
+    None when the keys do not tell); the other fields are None when the format has no such entry."""
+
+    path: str
+    format: str
+    state_dict: Dict[str, torch.Tensor]
+    arch: Dict[str, Any]
+    epoch: Optional[int] = None
+    best_prec1: Optional[float] = None
+    optimizer: Optional[dict] = None
+    scaler: Optional[dict] = None
+    state_dict_ema: Optional[Dict[str, torch.Tensor]] = None
+    rng: Optional[dict] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self, **kwargs) -> nn.Module:
+        """The model this checkpoint describes (``kwargs`` go to :func:`build_model`), with its weights loaded."""
+        arch = self.arch
+        if arch["name"] is None or arch["wmul"] is None:
+            raise CheckpointError(f"{self.path}: cannot tell the architecture from the checkpoint's keys")
+        model = build_model(arch["name"], arch["dynamic"], arch["num_classes"], arch["wmul"], **kwargs)
+        load_model_state(model, self.state_dict)
+        return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+NUMPY_DATA = ("scalar", "_reconstruct", "ndarray", "dtype")
+
+
+def _is_numpy_data(name: str) -> bool:
+    """True for the numpy names a pickled scalar or array refers to (plain data, no behaviour)."""
+    module, _, attr = name.rpartition(".")
+    return module.startswith("numpy") and (attr in NUMPY_DATA or (module == "numpy.dtypes" and attr.endswith("DType")))
+
+
+def _numpy_data_globals() -> list:
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core
+    dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return [multiarray.multiarray.scalar, multiarray.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+def read_file(path: str, map_location="cpu") -> Any:
+    """``torch.load(path, weights_only=True)``, with every failure turned into a one-line CheckpointError."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        needed = _unsafe_globals(path)
+        if not needed:
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(error)})") from None
+        code = [name for name in needed if not _is_numpy_data(name)]
+        if code:
+            raise CheckpointError(
+                f"{path}: refused: unpickling it would call {', '.join(code[:SHOWN])}; a checkpoint must be data only "
+                "(tensors, numbers, strings, lists, dicts); if you trust the file, load it yourself and re-save its state_dict"
+            ) from None
+        with torch.serialization.safe_globals(_numpy_data_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read: {error.strerror or error}") from None
+    except Exception as error:  # a truncated zip, a foreign file: torch raises many types
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(error).__name__}: {_first_line(error)})") from None
+
+
+def _unsafe_globals(path: str) -> List[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a zip checkpoint: nothing to tell
+        return []
+
+
+def _first_line(error: BaseException) -> str:
+    """The informative line of an error: for torch's weights-only errors, the unpickler's own reason."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for index, line in enumerate(lines[:-1]):
+        if line.endswith("WeightsUnpickler error:"):
+            return lines[index + 1][:200]
+    return lines[0][:200] if lines else type(error).__name__
+
+
+def strip_prefixes(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """The state_dict without the ``module.``/``_orig_mod.`` prefixes that wrappers put on every key."""
+    keys = list(state_dict)
+    changed = True
+    while keys and changed:
+        changed = False
+        for prefix in PREFIXES:
+            if all(key.startswith(prefix) for key in keys):
+                keys = [key[len(prefix):] for key in keys]
+                changed = True
+    return dict(zip(keys, state_dict.values()))
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in obj.items()
+    )
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Checkpoint:
+    """Read a checkpoint in any of the module's formats; CheckpointError if it is none of them."""
+    path = os.fspath(path)
+    obj = read_file(path, map_location)
+    if _is_state_dict(obj):
+        state = strip_prefixes(obj)
+        return Checkpoint(path, "state_dict", state, infer_arch(state))
+    if not isinstance(obj, dict) or not _is_state_dict(obj.get("state_dict")):
+        what = f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise CheckpointError(f"{path}: not a checkpoint: holds {what}, neither a state_dict nor a 'state_dict' entry")
+    state = strip_prefixes(obj["state_dict"])
+    arch = infer_arch(state)
+    stored = obj.get("arch")
+    fmt = "release"
+    if isinstance(stored, dict):
+        fmt = "pedconv"
+        arch.update({key: stored[key] for key in ("name", "wmul", "num_classes") if stored.get(key) is not None})
+    elif arch["name"] is None and stored in ARCHITECTURES:
+        arch["name"] = stored
+    ema = obj.get("state_dict_ema")
+    known = {"epoch", "arch", "state_dict", "best_prec1", "optimizer", "scaler", "state_dict_ema", "rng"}
+    return Checkpoint(
+        path,
+        fmt,
+        state,
+        arch,
+        epoch=obj.get("epoch"),
+        best_prec1=_as_float(obj.get("best_prec1")),
+        optimizer=obj.get("optimizer"),
+        scaler=obj.get("scaler"),
+        state_dict_ema=strip_prefixes(ema) if _is_state_dict(ema) else None,
+        rng=obj.get("rng"),
+        extra={key: value for key, value in obj.items() if key not in known},
+    )
+
+
+def _as_float(value) -> Optional[float]:
+    if value is None:
+        return None
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recognizing
+
+
+def is_pedconv_state(state_dict: Dict[str, Any]) -> bool:
+    """True if the state_dict holds PEDConv layers (their gate generators' ``attn.fc_share``)."""
+    return any(key.endswith(PEDCONV_KEY) for key in state_dict)
+
+
+def infer_arch(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """{'name', 'dynamic', 'wmul', 'num_classes'} of a ResNet state_dict, from its keys and shapes.
+
+    ``name`` and ``wmul`` are None when the keys match none of ``ARCHITECTURES`` (or widths no multiplier gives);
+    ``num_classes`` is None without an ``fc.weight``.
+    """
+    state = strip_prefixes(state_dict)
+    fc = state.get("fc.weight")
+    arch = {"name": None, "dynamic": is_pedconv_state(state), "wmul": None,
+            "num_classes": int(fc.shape[0]) if isinstance(fc, torch.Tensor) and fc.dim() == 2 else None}
+    blocks = [0, 0, 0, 0]
+    for key in state:
+        match = re.match(r"layer([1-4])\.(\d+)\.", key)
+        if match:
+            stage = int(match.group(1)) - 1
+            blocks[stage] = max(blocks[stage], int(match.group(2)) + 1)
+    bottleneck = "layer1.0.conv3.weight" in state
+    deep_stem = "conv2.weight" in state and "conv3.weight" in state
+    for name in ARCHITECTURES:
+        block, layers, deep = layout(name)
+        if list(layers) == blocks and (block is Bottleneck) == bottleneck and deep == deep_stem:
+            arch["name"] = name
+            arch["wmul"] = _infer_wmul(state, block)
+    return arch
+
+
+def _infer_wmul(state: Dict[str, torch.Tensor], block) -> Optional[float]:
+    """The smallest width multiplier whose widths (under the release's rules) are the checkpoint's, or None."""
+    try:
+        widths = [state[f"layer{i}.0.conv1.weight"].shape[0] for i in range(1, 5)]
+    except KeyError:
+        return None
+    # Each stage width bounds wmul to an interval: int(wmul * base) == width (basic blocks) or
+    # min(int(wmul * base) + 1, base) == width (bottlenecks; the full width holds for any wmul above).
+    low = 0.0
+    for width, base in zip(widths, STAGE_WIDTHS):
+        low = max(low, (width if block is BasicBlock else width - 1) / base)
+    for candidate in (1.0, low):  # the full model says 1.0, not the smallest multiplier that also gives it
+        if candidate > 0 and [inner for inner, _ in stage_widths(block, candidate)] == widths:
+            return candidate
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading into a model
+
+
+def _names(keys: List[str]) -> str:
+    shown = ", ".join(keys[:SHOWN])
+    return shown + (f", ... (+{len(keys) - SHOWN} more)" if len(keys) > SHOWN else "")
+
+
+def mismatch_message(model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> Optional[str]:
+    """None if ``state_dict`` loads into ``model``; else a few lines: missing, unexpected keys, shape differences."""
+    own = model.state_dict()
+    missing = [key for key in own if key not in state_dict] if strict else []
+    unexpected = [key for key in state_dict if key not in own] if strict else []
+    shapes = [
+        f"{key} {tuple(state_dict[key].shape)} in the checkpoint, {tuple(own[key].shape)} in the model"
+        for key in own
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(own[key].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return None
+    arch = getattr(model, "arch", None)
+    described = ", ".join(f"{k}={v}" for k, v in arch.items()) if isinstance(arch, dict) else type(model).__name__
+    lines = [f"checkpoint does not fit the model ({described}):"]
+    if missing:
+        lines.append(f"  missing in the checkpoint ({len(missing)}): {_names(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected in the checkpoint ({len(unexpected)}): {_names(unexpected)}")
+    if shapes:
+        lines.append(f"  shapes differ ({len(shapes)}): {_names(shapes)}")
+    has_pedconv, model_pedconv = is_pedconv_state(state_dict), is_pedconv_state(own)
+    if has_pedconv != model_pedconv:
+        lines.append(f"  the checkpoint is {'a PEDConv' if has_pedconv else 'a static'} model, the model is "
+                     f"{'dynamic' if model_pedconv else 'static'}")
+    return "\n".join(lines)
+
+
+def load_model_state(model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
+    """``model.load_state_dict`` after removing wrapper prefixes; CheckpointError (a few lines) on a mismatch."""
+    state = strip_prefixes(state_dict)
+    message = mismatch_message(model, state, strict)
+    if message:
+        raise CheckpointError(message)
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel/DataParallel (``.module``) and torch.compile (``._orig_mod``)."""
+    while True:
+        for attribute in ("module", "_orig_mod"):
+            inner = getattr(model, attribute, None)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
+            return model
+
+
+def capture_rng() -> dict:
+    """The random generators' states (torch, CUDA, Python, numpy) as checkpoint data (no numpy objects)."""
+    import numpy as np
+
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)),
+    }
+
+
+def restore_rng(state: dict) -> None:
+    """Set the generators from :func:`capture_rng`'s dict (CUDA only when present on both sides)."""
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+
+
+def make_checkpoint(model: nn.Module, epoch: int, optimizer=None, scaler=None, best_prec1: Optional[float] = None,
+                    ema_model: Optional[nn.Module] = None, rng: Optional[dict] = None) -> dict:
+    """This project's checkpoint dict (see the module docstring) for ``model`` (wrappers are looked through)."""
+    inner = unwrap(model)
+    arch = getattr(inner, "arch", None)
+    if not isinstance(arch, dict):
+        raise TypeError(f"{type(inner).__name__} has no 'arch' description; build it with image_classification.models")
+    return {
+        "epoch": int(epoch),
+        "arch": dict(arch),
+        "state_dict": strip_prefixes(inner.state_dict()),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "best_prec1": None if best_prec1 is None else float(best_prec1),
+        "state_dict_ema": strip_prefixes(unwrap(ema_model).state_dict()) if ema_model is not None else None,
+        "rng": rng,
+    }
+
+
+def save_checkpoint(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` atomically: written to a temporary file beside ``path``, synced, then renamed, so
+    that a crash never leaves a truncated checkpoint under ``path``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
