@@ -22,6 +22,7 @@ import contextlib
 import importlib
 import logging
 import warnings
+from types import SimpleNamespace
 from typing import Iterator
 
 import torch
@@ -61,14 +62,14 @@ AUTOAUGMENT_FILL = 128
 def import_dali():
     """The DALI modules this backend uses, or a DataError saying how to install DALI."""
     try:
-        modules = {
-            "fn": importlib.import_module("nvidia.dali.fn"),
-            "types": importlib.import_module("nvidia.dali.types"),
-            "pipeline_def": importlib.import_module("nvidia.dali.pipeline").pipeline_def,
-            "auto_augment": importlib.import_module("nvidia.dali.auto_aug.auto_augment"),
-            "plugin": importlib.import_module("nvidia.dali.plugin.pytorch"),
-            "math": importlib.import_module("nvidia.dali.math"),
-        }
+        modules = SimpleNamespace(
+            fn=importlib.import_module("nvidia.dali.fn"),
+            types=importlib.import_module("nvidia.dali.types"),
+            pipeline_def=importlib.import_module("nvidia.dali.pipeline").pipeline_def,
+            auto_augment=importlib.import_module("nvidia.dali.auto_aug.auto_augment"),
+            plugin=importlib.import_module("nvidia.dali.plugin.pytorch"),
+            math=importlib.import_module("nvidia.dali.math"),
+        )
     except ImportError as error:
         raise DataError(f"the DALI backends need NVIDIA DALI ({INSTALL_HINT}); import failed: {error}") from error
     return modules
@@ -116,13 +117,13 @@ def _centre_crop_position(dali, length, crop: int):
     margin = length - crop
     half = margin // 2
     start = half + (margin & 1) * (half & 1)  # an odd margin with an odd half rounds up to even
-    types = dali["types"]
-    return dali["fn"].cast(start, dtype=types.FLOAT) / dali["fn"].cast(dali["math"].max(margin, 1),
+    types = dali.types
+    return dali.fn.cast(start, dtype=types.FLOAT) / dali.fn.cast(dali.math.max(margin, 1),
                                                                        dtype=types.FLOAT)
 
 
 def _auto_augment(dali, images, image_size: int):
-    return dali["auto_augment"].auto_augment(
+    return dali.auto_augment.auto_augment(
         images,
         policy_name="image_net",
         shape=[image_size, image_size],
@@ -154,9 +155,9 @@ def build_train_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu
                          threads: int, device_id, seed: int, shuffle_seed: int, prefetch: int, rank: int,
                          world_size: int, image_size: int, interpolation: str, augmentation: str | None,
                          layout: str):
-    fn, types = dali["fn"], dali["types"]
+    fn, types = dali.fn, dali.types
 
-    @dali["pipeline_def"](enable_conditionals=augmentation is not None)
+    @dali.pipeline_def(enable_conditionals=augmentation is not None)
     def pipeline():
         encoded, label = fn.readers.file(
             files=files,
@@ -206,10 +207,10 @@ def build_train_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu
 def build_val_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu: bool, batch_size: int,
                        threads: int, device_id, seed: int, prefetch: int, image_size: int, interpolation: str,
                        layout: str):
-    fn, types = dali["fn"], dali["types"]
+    fn, types = dali.fn, dali.types
     target_short = image_size + CROP_PADDING
 
-    @dali["pipeline_def"]
+    @dali.pipeline_def
     def pipeline():
         # This rank's shard is given as the file list, so the reader does not shard again.
         encoded, label = fn.readers.file(files=files, labels=labels, name=READER_NAME, pad_last_batch=True)
@@ -222,7 +223,7 @@ def build_val_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu: 
         # floor(longer * target_short / shorter); computed here to get the same output sizes.
         shape = fn.peek_image_shape(encoded, adjust_orientation=False)
         height, width = shape[0], shape[1]
-        shorter = dali["math"].min(height, width)
+        shorter = dali.math.min(height, width)
         new_height = (height * target_short) // shorter
         new_width = (width * target_short) // shorter
         images = fn.resize(images, resize_x=fn.cast(new_width, dtype=types.FLOAT),
@@ -274,7 +275,7 @@ class DaliLoader:
         self._pipeline = pipeline
         self._iterator = None
         if pipeline is not None:
-            plugin = dali["plugin"]
+            plugin = dali.plugin
             policy = plugin.LastBatchPolicy.FILL if training else plugin.LastBatchPolicy.PARTIAL
             # prepare_first_batch=False: nothing runs until the first pass (cheap to construct).
             self._iterator = plugin.DALIGenericIterator(
