@@ -101,7 +101,8 @@ class ListedImageFolder(datasets.ImageFolder):
             sample = self._load((index + step) % len(self.samples))
             if sample is not None:
                 return sample
-        raise DataError(f"{MAX_SUBSTITUTE_TRIES + 1} unreadable images in a row after {self.samples[index][0]}")
+        raise DataError(f"{MAX_SUBSTITUTE_TRIES + 1} unreadable images in a row from {self.samples[index][0]}; "
+                        "the data set looks damaged (--verify-data lists every unreadable image)")
 
 
 class Uint8Collate:
@@ -256,9 +257,18 @@ class PytorchLoader:
             self.sampler.set_epoch(self._epoch)
         self._epoch += 1
         if self.device.type == "cuda":
-            return cuda_prefetch(self.loader, self.device, self._normalize)
+            return cuda_prefetch(self._uint8_batches(), self.device, self._normalize)
         return self._on_cpu()
 
     def _on_cpu(self):
-        for images, labels in self.loader:
+        for images, labels in self._uint8_batches():
             yield self._normalize(images), labels
+
+    def _uint8_batches(self):
+        try:
+            yield from self.loader
+        except DataError as error:
+            # A worker's exception comes back with its whole traceback as the message; keep the
+            # one line that says what is wrong.
+            message = str(error).strip().splitlines()[-1]
+            raise DataError(message.split("DataError: ", 1)[-1]) from error

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from dataloading import IMAGENET_MEAN_255, IMAGENET_STD_255, get_loaders, integrity
+from dataloading import IMAGENET_MEAN_255, IMAGENET_STD_255, DataError, get_loaders, integrity
 from tests.data_utils import make_dataset, write_garbage_jpeg, write_truncated_jpeg
 
 IMAGE_SIZE = 32
@@ -158,6 +158,17 @@ def test_unreadable_images_do_not_stop_worker_processes(tmp_path):
     for _ in range(2):
         assert [len(labels) for _, labels in loaders.train] == [4, 4, 4]
         assert sum(len(labels) for _, labels in loaders.val) == 5
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_of_unreadable_images_is_one_clear_error(tmp_path, workers):
+    make_dataset(tmp_path, {"a": 2, "b": 2})
+    for i in range(20):
+        write_garbage_jpeg(tmp_path / "train" / "a" / f"bad_{i:02d}.jpg", seed=i)
+    train = loaders_for(tmp_path, workers=workers, val=False).train
+    with pytest.raises(DataError, match=r"^17 unreadable images in a row from .*bad_\d\d\.jpg; .*--verify-data") as error:
+        list(train)
+    assert "\n" not in str(error.value)  # also when it comes back from a worker process
 
 
 def test_verify_data_drops_unreadable_images_before_the_run(tmp_path, caplog):
