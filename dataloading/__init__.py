@@ -82,9 +82,9 @@ Backends:
 * ``synthetic``: one fixed random batch on `device`, yielded `synthetic_batches` times per pass
   (a finite epoch, default 100), for throughput runs without data.
 
-DALI batches live in DALI's buffers, which are reused a few batches later: use a batch before
-asking for the next ones, or clone what must be kept. Leaving a DALI pass early (``break``) makes
-the next pass continue where it stopped.
+Every batch is a new tensor on every backend except ``synthetic`` (DALI 2.4's iterator allocates
+one per batch; checked on the CPU), so batches may be kept. Leaving a DALI pass early
+(``break``) makes the next pass continue where it stopped: DALI cannot restart mid-epoch.
 """
 
 from .common import IMAGENET_MEAN_255, IMAGENET_STD_255, DataError, ImageFolderListing, list_image_folder

@@ -211,6 +211,7 @@ class PytorchLoader:
         self.training = training
         self.device = device
         self._epoch = 0
+        self._seed = seed + rank
         self._normalize = Normalizer(device, memory_format)
         if training:
             transform = train_transform(image_size, interpolation, augmentation)
@@ -233,14 +234,17 @@ class PytorchLoader:
 
         worker_options = {}
         if workers > 0:
-            worker_options = dict(prefetch_factor=max(1, prefetch), persistent_workers=True)
+            # Workers restart every pass: each pass then seeds its workers from (seed, rank, epoch) alone, so a
+            # run resumed at epoch e augments exactly as an uninterrupted one (persistent workers would carry
+            # their random state over from earlier epochs).
+            worker_options = dict(prefetch_factor=max(1, prefetch), persistent_workers=False)
         self.loader = DataLoader(
             self.dataset,
             num_workers=workers,
             collate_fn=Uint8Collate(image_size, memory_format),
             pin_memory=device.type == "cuda",
             # Seeds the workers' random transforms: reproducible, different on each rank.
-            generator=torch.Generator().manual_seed(seed + rank),
+            generator=torch.Generator(),
             **sampling,
             **worker_options,
         )
@@ -255,6 +259,11 @@ class PytorchLoader:
     def __iter__(self):
         if self.sampler is not None:
             self.sampler.set_epoch(self._epoch)
+        # Seeds the random transforms of this pass (in the workers, or here with workers=0): reproducible,
+        # different on each rank and epoch, independent of what ran before.
+        self.loader.generator.manual_seed(self._seed * 100_003 + self._epoch)
+        if self.loader.num_workers == 0:
+            torch.manual_seed(self._seed * 100_003 + self._epoch)
         self._epoch += 1
         if self.device.type == "cuda":
             return cuda_prefetch(self._uint8_batches(), self.device, self._normalize)
