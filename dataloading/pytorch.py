@@ -259,11 +259,10 @@ class PytorchLoader:
     def __iter__(self):
         if self.sampler is not None:
             self.sampler.set_epoch(self._epoch)
-        # Seeds the random transforms of this pass (in the workers, or here with workers=0): reproducible,
-        # different on each rank and epoch, independent of what ran before.
+        # Seeds the workers' random transforms for this pass: reproducible, different on each rank and epoch,
+        # independent of earlier passes. (With workers=0 the transforms draw from torch's global generator,
+        # which checkpoints save and restore.)
         self.loader.generator.manual_seed(self._seed * 100_003 + self._epoch)
-        if self.loader.num_workers == 0:
-            torch.manual_seed(self._seed * 100_003 + self._epoch)
         self._epoch += 1
         if self.device.type == "cuda":
             return cuda_prefetch(self._uint8_batches(), self.device, self._normalize)

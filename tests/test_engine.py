@@ -86,7 +86,7 @@ def test_short_run_lowers_the_loss_and_writes_a_complete_report(data_root, tmp_p
 
 def test_resume_after_one_epoch_ends_with_the_same_weights(data_root, tmp_path):
     common = ["--epochs", "2", "--mixup", "0.2", "--label-smoothing", "0.1", "--use-ema", "0.9", "--deterministic",
-              "--training-only"]
+              "--training-only", "-j", "1"]  # a loader worker process: its augmentation must resume too
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_main(tiny_run(data_root, straight, *common)) == 0
     assert run_main(tiny_run(data_root, split, *common, "--run-epochs", "1")) == 0
