@@ -59,12 +59,16 @@ class Precision:
 
     @classmethod
     def create(cls, amp: bool, device: torch.device, static_loss_scale: float = 1.0, dynamic_loss_scale: bool = False):
+        """A loss scale given with ``--static-loss-scale`` (not 1) stays fixed unless ``--dynamic-loss-scale`` is
+        also given (then it is the initial scale, grown every 100 good steps, as NVIDIA's); with neither, AMP
+        scales dynamically from 2^16, since a fixed scale of 1 lets float16 gradients underflow."""
         on_cuda = device.type == "cuda"
         dtype = torch.float16 if on_cuda else torch.bfloat16
+        fixed = static_loss_scale != 1.0 and not dynamic_loss_scale
         scaler = torch.amp.GradScaler(
             "cuda" if on_cuda else "cpu",
-            init_scale=static_loss_scale,
-            growth_interval=100 if dynamic_loss_scale else 1_000_000_000,
+            init_scale=static_loss_scale if static_loss_scale != 1.0 else 2.0**16,
+            growth_interval=1_000_000_000 if fixed else 100,
             enabled=amp and on_cuda,
         )
         return cls(amp, device.type, dtype, scaler)

@@ -103,13 +103,18 @@ def test_resume_after_one_epoch_ends_with_the_same_weights(data_root, tmp_path):
 
 
 def test_resume_accepts_a_module_prefixed_checkpoint(data_root, tmp_path):
+    """Also runs bfloat16 autocast, channels_last and gradient accumulation end to end on the CPU."""
     workspace = tmp_path / "ws"
-    assert run_main(tiny_run(data_root, workspace, "--epochs", "2", "--run-epochs", "1", "--training-only")) == 0
+    amp = ["--amp", "--memory-format", "nhwc", "--optimizer-batch-size", "12"]
+    assert run_main(tiny_run(data_root, workspace, "--epochs", "2", "--run-epochs", "1", "--training-only", *amp)) == 0
+    first = [e for e in read_report(workspace / "raport.json") if e["type"] == "LOG" and e["step"] == [1]][0]
+    assert math.isfinite(first["data"]["train.loss"])
     state = torch.load(workspace / "checkpoint.pth.tar", weights_only=True)
     state["state_dict"] = {"module." + k: v for k, v in state["state_dict"].items()}
     prefixed = tmp_path / "prefixed.pth.tar"
     torch.save(state, prefixed)
-    assert run_main(tiny_run(data_root, workspace, "--epochs", "2", "--training-only", "--resume", str(prefixed))) == 0
+    assert run_main(tiny_run(data_root, workspace, "--epochs", "2", "--training-only", "--resume", str(prefixed),
+                             *amp)) == 0
     assert checkpoints.load_checkpoint(workspace / "checkpoint.pth.tar").epoch == 2
 
 
@@ -252,6 +257,16 @@ def test_gradient_accumulation_equals_one_large_batch():
 
 class _Sized(list):
     pass
+
+
+def test_precision_is_bfloat16_without_scaling_on_cpu():
+    from image_classification.training import Precision
+
+    precision = Precision.create(True, torch.device("cpu"), static_loss_scale=128.0)
+    assert precision.dtype == torch.bfloat16 and not precision.scaler.is_enabled()
+    with precision.autocast():
+        assert torch.mm(torch.randn(2, 2), torch.randn(2, 2)).dtype == torch.bfloat16
+    assert not Precision.create(False, torch.device("cpu")).enabled
 
 
 def test_report_lines_are_dllogger_json(tmp_path):
