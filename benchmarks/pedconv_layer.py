@@ -124,7 +124,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--methods", nargs="*", default=[], choices=["grouped", "unfold"],
+    parser.add_argument("--methods", nargs="*", default=[], choices=["grouped", "unfold", "taps"],
                         help="also time these forced paths (to check the auto choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference path")

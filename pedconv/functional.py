@@ -37,7 +37,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-METHODS = ("auto", "grouped", "unfold", "reference")
+METHODS = ("auto", "grouped", "unfold", "taps", "reference")
 
 IntPair = Tuple[int, int]
 
@@ -293,6 +293,33 @@ def _unfold_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, di
     return out.sum(1).view(batch, out_channels, out_size[0], out_size[1])
 
 
+def _taps_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups):
+    """Per-tap accumulation: y = sum_r a_out_r * sum_p a_k[r, p] * conv1x1(shift_p(a_in_r * x), W0[:, :, p]).
+
+    Batch-independent, no per-sample kernel, no unfolded copy of the input; but kh*kw small convolutions and as
+    many output-sized accumulations. Kept as a selectable path (``method="taps"``): on the 2-core CPU it never
+    measured fastest for ResNet shapes (see ``benchmarks/pedconv_layer.py --methods taps``).
+    """
+    out_channels, _, kh, kw = weight.shape
+    out_h, out_w = conv_output_size(tuple(x.shape[-2:]), (kh, kw), stride, padding, dilation)
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    out = None
+    for r in range(gate_out.shape[1]):
+        gated = padded * gate_in[:, r].repeat(1, groups)[:, :, None, None]
+        tap_sum = None
+        for row in range(kh):
+            for col in range(kw):
+                top, left = row * dilation[0], col * dilation[1]
+                window = gated[:, :, top : top + stride[0] * (out_h - 1) + 1 : stride[0],
+                               left : left + stride[1] * (out_w - 1) + 1 : stride[1]]
+                term = F.conv2d(window, weight[:, :, row : row + 1, col : col + 1], None, 1, 0, 1, groups)
+                term = term * gate_tap[:, r, row * kw + col, None, None, None]
+                tap_sum = term if tap_sum is None else tap_sum + term
+        term = tap_sum * gate_out[:, r, :, None, None]
+        out = term if out is None else out + term
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -345,6 +372,9 @@ def pedconv2d(
     if method == "unfold" and groups == 1 and not torch.compiler.is_compiling():
         # The hand-written backward is for eager mode; under torch.compile the composed ops below are traced instead.
         return _finish(_unfold_gemm(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation), bias, channels_last)
+    if method == "taps":
+        out = _taps_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups)
+        return _finish(out, bias, channels_last)
     if method == "unfold":
         out = _unfold_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups)
         return _finish(out, bias, channels_last)
