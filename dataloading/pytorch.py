@@ -243,8 +243,7 @@ class PytorchLoader:
             num_workers=workers,
             collate_fn=Uint8Collate(image_size, memory_format),
             pin_memory=device.type == "cuda",
-            # Seeds the workers' random transforms: reproducible, different on each rank.
-            generator=torch.Generator(),
+            generator=torch.Generator(),  # reseeded at the start of every pass (see __iter__)
             **sampling,
             **worker_options,
         )
