@@ -169,7 +169,10 @@ def _column_scale(gate_in: torch.Tensor, gate_tap: torch.Tensor, kernel: IntPair
 
 
 class _UnfoldPEDConv(torch.autograd.Function):
-    """Rank-1, groups=1 PEDConv via gated im2col and one shared-weight GEMM (forward and backward)."""
+    """Rank-1, groups=1 PEDConv via gated im2col and one shared-weight GEMM (forward and backward).
+
+    All tensors arrive in one dtype (see :func:`_unfold_gemm`). Saves the padded NHWC input, the gated columns
+    and the raw (ungated) output for the backward."""
 
     @staticmethod
     def forward(ctx, x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, channels_last):
@@ -178,17 +181,15 @@ class _UnfoldPEDConv(torch.autograd.Function):
         kernel = (kh, kw)
         out_size = conv_output_size(tuple(x.shape[-2:]), kernel, stride, padding, dilation)
         scale = _column_scale(gate_in, gate_tap, kernel)
-        columns = torch.empty(
-            (batch, out_size[0], out_size[1], kh, kw, in_channels), dtype=torch.result_type(x, scale), device=x.device
-        )
+        columns = x.new_empty((batch, out_size[0], out_size[1], kh, kw, in_channels))
         padded = _padded_nhwc(x, padding)
         torch.mul(_windows(padded, kernel, stride, dilation, out_size), scale, out=columns)
-        weight_rows = weight.permute(0, 2, 3, 1).reshape(out_channels, -1).to(columns.dtype)
+        weight_rows = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
         raw = torch.mm(columns.reshape(-1, weight_rows.shape[1]), weight_rows.t())  # (B*Ho*Wo, Cout): NHWC
         raw_nchw = raw.view(batch, out_size[0], out_size[1], out_channels).permute(0, 3, 1, 2)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty_like(raw_nchw, memory_format=memory_format)
-        torch.mul(raw_nchw, gate_out.view(batch, out_channels, 1, 1).to(raw.dtype), out=out)
+        torch.mul(raw_nchw, gate_out.view(batch, out_channels, 1, 1), out=out)
         ctx.save_for_backward(padded, weight, gate_out, gate_in, gate_tap, columns, raw)
         ctx.conv = (kernel, stride, padding, dilation, out_size, tuple(x.shape), _memory_format_of(x))
         return out
@@ -199,34 +200,29 @@ class _UnfoldPEDConv(torch.autograd.Function):
         kernel, stride, padding, dilation, out_size, x_shape, x_format = ctx.conv
         batch = x_shape[0]
         out_channels, in_channels, kh, kw = weight.shape
-        compute_dtype = raw.dtype
         # NHWC rows of the incoming gradient; a copy only when the caller's layout is NCHW.
-        grad_out_rows = grad_out.to(compute_dtype).permute(0, 2, 3, 1).reshape(-1, out_channels)
-        raw_grad_rows = grad_out_rows.view(batch, -1, out_channels) * gate_out.view(batch, 1, out_channels).to(
-            compute_dtype
-        )
+        grad_out_rows = grad_out.to(raw.dtype).permute(0, 2, 3, 1).reshape(-1, out_channels)
+        raw_grad_rows = grad_out_rows.view(batch, -1, out_channels) * gate_out.view(batch, 1, out_channels)
         grad_gate_out = grad_x = grad_weight = grad_gate_in = grad_gate_tap = None
         if ctx.needs_input_grad[2]:
             grad_gate_out = (grad_out_rows.view(batch, -1, out_channels) * raw.view(batch, -1, out_channels)).sum(1)
-            grad_gate_out = grad_gate_out.to(gate_out.dtype)
         raw_grad_rows = raw_grad_rows.view(-1, out_channels)
-        weight_rows = weight.permute(0, 2, 3, 1).reshape(out_channels, -1).to(compute_dtype)
+        weight_rows = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
         if ctx.needs_input_grad[1]:
             grad_weight_rows = torch.mm(raw_grad_rows.t(), columns.reshape(raw_grad_rows.shape[0], -1))
             grad_weight = grad_weight_rows.view(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
-            grad_weight = grad_weight.to(weight.dtype).contiguous(memory_format=_memory_format_of(weight))
+            grad_weight = grad_weight.contiguous(memory_format=_memory_format_of(weight))
         need_x, need_in, need_tap = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         if need_x or need_in or need_tap:
             grad_columns = torch.mm(raw_grad_rows, weight_rows).view(columns.shape)  # w.r.t. the gated columns
-            scale = _column_scale(gate_in, gate_tap, kernel).to(compute_dtype)
+            scale = _column_scale(gate_in, gate_tap, kernel)
             if need_in or need_tap:
                 windows = _windows(padded, kernel, stride, dilation, out_size)
                 grad_scale = (grad_columns * windows).sum((1, 2))  # (B, kh, kw, Cin)
                 if need_in:
-                    grad_gate_in = (grad_scale * gate_tap.view(batch, kh, kw, 1)).sum((1, 2)).to(gate_in.dtype)
+                    grad_gate_in = (grad_scale * gate_tap.view(batch, kh, kw, 1)).sum((1, 2))
                 if need_tap:
                     grad_gate_tap = (grad_scale * gate_in.view(batch, 1, 1, -1)).sum(3).view(batch, -1)
-                    grad_gate_tap = grad_gate_tap.to(gate_tap.dtype)
             if need_x:
                 grad_x = _col2im(grad_columns.mul_(scale), x_shape, kernel, stride, padding, dilation)
                 grad_x = grad_x.contiguous(memory_format=x_format)
