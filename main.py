@@ -17,9 +17,9 @@ import sys
 logger = logging.getLogger("main")
 
 DEMO_DEFAULTS = dict(
-    data_backend="pytorch", arch="resnet18", dynamic=True, wmul=0.25, image_size=32, batch_size=32, epochs=6,
+    data_backend="pytorch", arch="resnet18", dynamic=True, wmul=0.25, image_size=64, batch_size=32, epochs=8,
     lr=0.1, warmup=1, lr_schedule="cosine", label_smoothing=0.1, momentum=0.9, weight_decay=5e-5, workers=2,
-    print_freq=20, workspace="./logs/demo", raport_file="raport.json", device="cpu", interpolation="bilinear",
+    crop_area_min=0.35, print_freq=20, workspace="./logs/demo", raport_file="raport.json", device="cpu", interpolation="bilinear",
 )
 
 
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-size", type=int, default=224)
     data.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic", "triangular"])
     data.add_argument("--augmentation", default=None, choices=["autoaugment"], help="add AutoAugment (ImageNet policy)")
+    data.add_argument("--crop-area-min", type=float, default=0.08,
+                      help="smallest image-area fraction of a training random-resized crop (NVIDIA: 0.08)")
     data.add_argument("--verify-data", action="store_true", help="decode every image once first (cached); skip bad ones")
     data.add_argument("--num-classes", type=int, default=None, help="default: the number of class folders (1000 synthetic)")
 

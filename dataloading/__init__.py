@@ -11,7 +11,7 @@
         for images, labels in loaders.val: ...
 
 ``get_loaders(backend, data_root, batch_size, *, workers=5, image_size=224,
-interpolation="bilinear", augmentation=None, memory_format=torch.contiguous_format, device=None,
+interpolation="bilinear", augmentation=None, crop_area=(0.08, 1.0), memory_format=torch.contiguous_format, device=None,
 rank=0, world_size=1, seed=0, prefetch=2, verify_data=False, train=True, val=True,
 val_batch_size=None, synthetic_batches=100, num_classes=1000, cache_dir=None) -> Loaders``
 
@@ -27,6 +27,8 @@ val_batch_size=None, synthetic_batches=100, num_classes=1000, cache_dir=None) ->
 * `augmentation`: None, or ``autoaugment`` for the ImageNet AutoAugment policy on top of
   random-resized crop and flip (training only; torchvision's on ``pytorch``, DALI's
   ``auto_aug`` on the DALI backends, which runs on the CPU as well as on the GPU).
+* `crop_area`: the (min, max) fraction of the image area that a training random-resized crop keeps
+  (default NVIDIA's (0.08, 1.0); ``main.py --crop-area-min``; the digits demo uses 0.35).
 * `memory_format`: ``torch.contiguous_format`` or ``torch.channels_last`` (or "nchw"/"nhwc").
 * `device`: where batches are delivered; None means CUDA when available, else the CPU.
 * `rank`, `world_size`: the global rank and the number of processes. Pass the same `seed` on

@@ -154,7 +154,7 @@ def _without_dalis_own_deprecations():
 def build_train_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu: bool, batch_size: int,
                          threads: int, device_id, seed: int, shuffle_seed: int, prefetch: int, rank: int,
                          world_size: int, image_size: int, interpolation: str, augmentation: str | None,
-                         layout: str):
+                         layout: str, crop_area: tuple[float, float] = RANDOM_AREA):
     fn, types = dali.fn, dali.types
 
     @dali.pipeline_def(enable_conditionals=augmentation is not None)
@@ -173,7 +173,7 @@ def build_train_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu
         )
         crop_options = dict(
             output_type=types.RGB,
-            random_area=list(RANDOM_AREA),
+            random_area=list(crop_area),
             random_aspect_ratio=list(RANDOM_ASPECT_RATIO),
             num_attempts=RANDOM_CROP_ATTEMPTS,
             adjust_orientation=False,  # as PIL/ImageFolder, which ignore EXIF orientation
@@ -354,6 +354,7 @@ def make_dali_loader(
     world_size: int,
     seed: int,
     prefetch: int,
+    crop_area: tuple[float, float] = RANDOM_AREA,
 ) -> DaliLoader:
     dali = import_dali()
     on_gpu = device.type == "cuda"
@@ -378,7 +379,7 @@ def make_dali_loader(
     labels = [label for _, label in listing.samples]
     if training:
         pipeline = build_train_pipeline(dali, files, labels, shuffle_seed=seed, rank=rank, world_size=world_size,
-                                        augmentation=augmentation, **common)
+                                        augmentation=augmentation, crop_area=crop_area, **common)
         num_batches = train_batches_per_rank(len(files), batch_size, world_size)
         shard_size = num_batches * batch_size
     else:

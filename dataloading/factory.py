@@ -11,6 +11,7 @@ import torch
 
 from . import integrity
 from .common import (
+    RANDOM_AREA,
     DataError,
     ImageFolderListing,
     augmentation_name,
@@ -102,6 +103,7 @@ def get_loaders(
     image_size: int = 224,
     interpolation: str = "bilinear",
     augmentation: str | None = None,
+    crop_area: tuple[float, float] = RANDOM_AREA,
     memory_format: torch.memory_format | str = torch.contiguous_format,
     device: torch.device | str | None = None,
     rank: int = 0,
@@ -131,6 +133,8 @@ def get_loaders(
     device = resolve_device(device)
     if not (train or val):
         raise DataError("neither train nor val loader requested")
+    if not 0.0 < crop_area[0] <= crop_area[1] <= 1.0:
+        raise DataError(f"random crop area must satisfy 0 < min <= max <= 1, got {tuple(crop_area)}")
 
     if name == "synthetic":
         from .synthetic import SyntheticLoader
@@ -170,7 +174,7 @@ def get_loaders(
         raise DataError(f"training set too small: {len(train_listing)} images in {train_listing.root} "
                         f"make no full batch of {batch_size} on each of {world_size} ranks")
 
-    options = dict(workers=workers, image_size=image_size, interpolation=interpolation,
+    options = dict(workers=workers, image_size=image_size, interpolation=interpolation, crop_area=tuple(crop_area),
                    memory_format=memory_format, device=device, rank=rank, world_size=world_size, seed=seed,
                    prefetch=prefetch)
     if dali_backend:

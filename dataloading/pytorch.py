@@ -44,10 +44,11 @@ AUTOAUGMENT_FILL = [128, 128, 128]
 MAX_SUBSTITUTE_TRIES = 16
 
 
-def train_transform(image_size: int, interpolation: str, augmentation: str | None) -> transforms.Compose:
+def train_transform(image_size: int, interpolation: str, augmentation: str | None,
+                    crop_area: tuple[float, float] = RANDOM_AREA) -> transforms.Compose:
     mode = PIL_INTERPOLATION[interpolation]
     steps = [
-        transforms.RandomResizedCrop(image_size, scale=RANDOM_AREA, ratio=RANDOM_ASPECT_RATIO,
+        transforms.RandomResizedCrop(image_size, scale=crop_area, ratio=RANDOM_ASPECT_RATIO,
                                      interpolation=mode),
         transforms.RandomHorizontalFlip(),
     ]
@@ -205,6 +206,7 @@ class PytorchLoader:
         world_size: int,
         seed: int,
         prefetch: int,
+        crop_area: tuple[float, float] = RANDOM_AREA,
     ):
         self.classes = listing.classes
         self.batch_size = batch_size
@@ -214,7 +216,7 @@ class PytorchLoader:
         self._seed = seed + rank
         self._normalize = Normalizer(device, memory_format)
         if training:
-            transform = train_transform(image_size, interpolation, augmentation)
+            transform = train_transform(image_size, interpolation, augmentation, crop_area)
         else:
             transform = val_transform(image_size, interpolation)
         self.dataset = ListedImageFolder(listing, transform, substitute_unreadable=training)

@@ -67,7 +67,8 @@ def _loaders(args, context, memory_format):
     try:
         return get_loaders(
             args.data_backend, args.data, args.batch_size, workers=args.workers, image_size=args.image_size,
-            interpolation=args.interpolation, augmentation=args.augmentation, memory_format=memory_format,
+            interpolation=args.interpolation, augmentation=args.augmentation, crop_area=(args.crop_area_min, 1.0),
+            memory_format=memory_format,
             device=context.device, rank=context.rank, world_size=context.world_size,
             seed=args.seed if args.seed is not None else 0, prefetch=args.prefetch, verify_data=args.verify_data,
             train=not args.evaluate, val=not args.training_only,
@@ -113,11 +114,14 @@ def _build_model(args, num_classes: int, checkpoint: Optional[checkpoints.Checkp
     return model
 
 
-def _save(args, context, trainer: Trainer, epoch: int, best_top1: Optional[float], is_best: bool, ema) -> None:
+def _save(args, context, trainer: Trainer, epoch: int, best_top1: Optional[float], is_best: bool, ema,
+          classes=None) -> None:
     if not (args.save_checkpoints and context.is_main) or args.evaluate:
         return
     state = checkpoints.make_checkpoint(trainer.model, epoch, trainer.optimizer, trainer.precision.scaler, best_top1,
                                         ema.module if ema is not None else None, checkpoints.capture_rng())
+    if classes:
+        state["classes"] = list(classes)  # class names in label order, for classify.py
     path = os.path.join(args.workspace, args.checkpoint_filename)
     checkpoints.save_checkpoint(state, path)
     if is_best:
@@ -207,7 +211,7 @@ def _run(args, context: distributed.Context) -> int:
             loaders.train.set_epoch(epoch)
             train_results = trainer.train_epoch(loaders.train, epoch, schedule(epoch))
             if stop.requested:
-                _save(args, context, trainer, epoch, best_top1, False, ema)
+                _save(args, context, trainer, epoch, best_top1, False, ema, loaders.classes)
                 report.close()
                 logger.info("stopped during epoch %d; resume with --resume %s", epoch + 1,
                             os.path.join(args.workspace, args.checkpoint_filename))
@@ -224,7 +228,7 @@ def _run(args, context: distributed.Context) -> int:
                 is_best = best_top1 is None or val_results["val.top1"] > best_top1
                 best_top1 = val_results["val.top1"] if is_best else best_top1
             report.log([epoch + 1], epoch_results)
-            _save(args, context, trainer, epoch + 1, best_top1, is_best, ema)
+            _save(args, context, trainer, epoch + 1, best_top1, is_best, ema, loaders.classes)
     report.log([], _summary(val_history, train_history))
     report.close()
     if context.is_main:
