@@ -57,10 +57,19 @@ def test_unknown_backend_is_a_value_error_listing_the_valid_ones(tmp_path):
     (dict(rank=2, world_size=2), "rank 2"),
     (dict(memory_format="nchwc"), "memory format"),
     (dict(train=False, val=False), "neither"),
+    (dict(crop_area=(0.5, 0.2)), "random crop area"),
+    (dict(crop_area=(0.0, 1.0)), "random crop area"),
 ])
 def test_bad_arguments_raise_data_error(kwargs, message):
     with pytest.raises(DataError, match=message):
         get_loaders("synthetic", None, 4, device="cpu", **kwargs)
+
+
+def test_crop_area_reaches_the_pytorch_transform():
+    from dataloading.pytorch import train_transform
+
+    assert train_transform(32, "bilinear", None).transforms[0].scale == (0.08, 1.0)
+    assert train_transform(32, "bilinear", None, (0.35, 1.0)).transforms[0].scale == (0.35, 1.0)
 
 
 def test_batch_size_must_be_positive():
