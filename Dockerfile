@@ -1,7 +1,6 @@
 # pedconv training image: the NGC PyTorch container plus this project.
-# nvcr.io/nvidia/pytorch:26.08-py3 ships (NVIDIA's release notes and the image itself): Ubuntu 24.04, Python 3.12,
-# CUDA 13.4.1, cuDNN 9.25, NCCL 2.30, PyTorch 2.14.0a0 (NVIDIA build), torchvision and NVIDIA DALI 2.2; host driver
-# R580 or newer (forward compatibility on data-center GPUs), see the README's Docker section.
+# nvcr.io/nvidia/pytorch:26.08-py3 ships Ubuntu 24.04, Python 3.12, CUDA 13.4.1, cuDNN 9.25, NCCL, PyTorch 2.14.0a0
+# (NVIDIA build), torchvision and NVIDIA DALI 2.2; host driver requirements: see the README's Docker section.
 # Pinned on purpose: change the tag only together with the README and a run of `python docker/check_image.py`.
 FROM nvcr.io/nvidia/pytorch:26.08-py3
 
