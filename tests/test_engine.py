@@ -48,7 +48,7 @@ def run_main(argv):
 def test_short_run_lowers_the_loss_and_writes_a_complete_report(data_root, tmp_path):
     workspace = tmp_path / "ws"
     argv = tiny_run(data_root, workspace, "--epochs", "4", "--warmup", "1", "--lr-schedule", "cosine",
-                    "--label-smoothing", "0.1", "--use-ema", "0.9", "--lr", "0.1")
+                    "--label-smoothing", "0.1", "--use-ema", "0.9", "--lr", "0.02")
     assert run_main(argv) == 0
     entries = list(read_report(workspace / "raport.json"))
     assert {e["type"] for e in entries} == {"LOG", "METADATA"}
@@ -77,7 +77,7 @@ def test_short_run_lowers_the_loss_and_writes_a_complete_report(data_root, tmp_p
     assert summary[0]["data"]["train.loss"] == min(e["data"]["train.loss"] for e in epochs)
     assert "train.compute_ips" in summary[0]["data"]
     lrs = [e["data"]["train.lr"] for e in epochs]
-    assert lrs[0] == pytest.approx(0.1) and lrs[-1] < lrs[1] < lrs[0] + 1e-12
+    assert lrs[0] == pytest.approx(0.02) and lrs[-1] < lrs[1] < lrs[0] + 1e-12
     saved = checkpoints.load_checkpoint(workspace / "checkpoint.pth.tar")
     assert saved.format == "pedconv" and saved.epoch == 4 and saved.arch["dynamic"] is True
     assert saved.state_dict_ema is not None and saved.rng is not None
