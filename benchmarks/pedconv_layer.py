@@ -5,8 +5,8 @@ For each distinct shape that the release makes dynamic (224x224 input), times fo
 ``reference`` path (the release's per-sample kernels), and measures the peak memory of one forward + backward.
 Totals weight each shape by how often it occurs in the network. Ratios are within one run, on one machine:
 
-    python benchmarks/pedconv_layer.py --arch resnet18 --batch-size 16
-    python benchmarks/pedconv_layer.py --arch resnet50 --batch-size 16 --methods grouped unfold   # per-path view
+    python benchmarks/pedconv_layer.py --batch-size 16                    # ResNet-18 and ResNet-50 shapes
+    python benchmarks/pedconv_layer.py --arch resnet50 --methods grouped unfold taps   # every path, per shape
 """
 from __future__ import annotations
 
@@ -118,7 +118,8 @@ def peak_memory(step, device) -> int:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50", "resnet101"])
+    parser.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"],
+                        choices=["resnet18", "resnet34", "resnet50", "resnet101"])
     parser.add_argument("-b", "--batch-size", type=int, default=16)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -131,10 +132,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
+    for arch in args.arch:
+        benchmark_arch(arch, args, device, dtype)
 
+
+def benchmark_arch(arch: str, args, device, dtype) -> None:
     kinds = ["static", "fast"] + list(args.methods) + ([] if args.no_reference else ["reference"])
-    shapes = dynamic_conv_shapes(args.arch)
-    print(f"# {args.arch}, batch {args.batch_size}, {args.dtype}, {device}, threads {torch.get_num_threads()}, "
+    shapes = dynamic_conv_shapes(arch)
+    print(f"# {arch}, batch {args.batch_size}, {args.dtype}, {device}, threads {torch.get_num_threads()}, "
           f"{'channels_last' if args.channels_last else 'nchw'}; forward+backward, median of {args.iters}")
     header = "cin cout k s size  n |" + "".join(f" {k:>10}" for k in kinds) + " | fast/static ref/fast |"
     header += "" if args.no_memory else " MiB static  fast   ref | mem fast/static"
@@ -163,11 +168,11 @@ def main(argv=None):
             line += f" {memory['fast'] / memory['static']:>15.2f}"
         print(line, flush=True)
     print("total (weighted by occurrences):" + "".join(f" {kind}={totals[kind]:.3f}s" for kind in kinds))
-    print(f"RATIO fast/static = {totals['fast'] / totals['static']:.3f}")
+    print(f"RATIO {arch} fast/static = {totals['fast'] / totals['static']:.3f}")
     if "reference" in totals:
-        print(f"RATIO reference/fast = {totals['reference'] / totals['fast']:.3f}")
+        print(f"RATIO {arch} reference/fast = {totals['reference'] / totals['fast']:.3f}")
     for kind in args.methods:
-        print(f"RATIO {kind}/static = {totals[kind] / totals['static']:.3f}")
+        print(f"RATIO {arch} {kind}/static = {totals[kind] / totals['static']:.3f}")
     if not args.no_memory:
         print("largest per-layer peak memory: "
               + " ".join(f"{kind}={mem_totals[kind] / 2**20:.1f}MiB" for kind in kinds))

@@ -372,3 +372,12 @@ def test_extra_repr_names_the_settings():
     text = repr(PEDConv2d(8, 12, 3, 2, 1, rank=2))
     assert "8, 12, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), bias=False, reduction=16" in text
     assert "rank=2" in text and "noise_std=0.1" in text and "method=auto" in text
+
+
+def test_layer_benchmark_runs_and_prints_the_ratios(capsys):
+    from benchmarks import pedconv_layer
+
+    pedconv_layer.main(["--arch", "resnet18", "-b", "1", "--iters", "1", "--no-memory"])
+    out = capsys.readouterr().out
+    assert "RATIO resnet18 fast/static = " in out and "RATIO resnet18 reference/fast = " in out
+    assert len([line for line in out.splitlines() if line[:3].strip().isdigit()]) == 7  # the 7 dynamic shapes
