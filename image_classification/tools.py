@@ -1,0 +1,178 @@
+"""What the command-line tools share (classify.py, checkpoint2model.py, export_onnx.py, the report and the
+benchmarks): one-line errors, atomic output files, and a model built from a checkpoint or from an architecture.
+
+Every tool's ``main(argv)`` is wrapped by :func:`tool_main`: bad input (a missing or unreadable file, a checkpoint
+that is not one, an unknown architecture...) raised as :class:`ToolError`, ``CheckpointError`` or ``DataError``
+becomes one ``error: ...`` line on stderr and exit status 2, without a traceback; any other exception is a bug and
+keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import logging
+import os
+import sys
+import tempfile
+from typing import Callable, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .checkpoints import Checkpoint, CheckpointError, load_model_state
+from .models import ARCHITECTURES, build_model
+
+EXIT_BAD_INPUT = 2
+
+
+class ToolError(Exception):
+    """Bad input to a tool; the message (one line) is printed as ``error: <message>``."""
+
+
+class ToolParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one ``error: ...`` line (and exit status 2), like the tools' own."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (a checkpoint mismatch lists keys on several lines) joined into one line."""
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip()).replace(":;", ":")
+
+
+def _is_data_error(error: BaseException) -> bool:
+    """A ``dataloading.DataError`` (only possible once dataloading is imported: it is not imported for this)."""
+    module = sys.modules.get("dataloading")
+    return module is not None and isinstance(error, module.DataError)
+
+
+def tool_main(function: Callable[[Optional[Sequence[str]]], int]) -> Callable[[Optional[Sequence[str]]], int]:
+    """Decorate a tool's ``main(argv) -> exit status``: bad input becomes one ``error:`` line and exit status 2."""
+    @functools.wraps(function)
+    def wrapper(argv: Optional[Sequence[str]] = None) -> int:
+        try:
+            return function(argv)
+        except (ToolError, CheckpointError) as error:
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except ValueError as error:
+            if not _is_data_error(error):
+                raise
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OSError as error:  # a file that cannot be read or written
+            where = f"{error.filename}: " if error.filename else ""
+            print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return 130
+
+    return wrapper
+
+
+def quiet_logging(level: int = logging.WARNING) -> None:
+    """Route log records at ``level`` and above to stderr, so a tool's own output on stdout stays clean."""
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+
+
+def check_output_folder(path: str) -> str:
+    """The folder an output file goes to; a ToolError when it does not exist."""
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(directory):
+        raise ToolError(f"{path}: the folder {directory} does not exist")
+    return directory
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[str]:
+    """Yield a temporary path beside ``path`` (same extension); on success it is renamed to ``path``, on failure
+    removed, so ``path`` is either the complete new file or what it was before."""
+    path = os.fspath(path)
+    directory = check_output_folder(path)
+    suffix = os.path.splitext(path)[1]
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}", dir=directory)
+    os.close(handle)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_output(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as stream:
+            stream.write(text)
+
+
+def check_arch(name: str) -> str:
+    if name not in ARCHITECTURES:
+        raise ToolError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")
+    return name
+
+
+def weights_of(checkpoint: Checkpoint, ema: bool) -> dict:
+    """The checkpoint's model weights, or its EMA weights with ``ema`` (an error if it has none)."""
+    if not ema:
+        return checkpoint.state_dict
+    if not checkpoint.state_dict_ema:
+        raise ToolError(f"{checkpoint.path}: --ema asked, but the checkpoint holds no EMA weights "
+                        "(train with --use-ema DECAY)")
+    return checkpoint.state_dict_ema
+
+
+def model_from_checkpoint(checkpoint: Checkpoint, ema: bool = False, arch: Optional[str] = None) -> nn.Module:
+    """The model a checkpoint describes, in eval mode, with its (EMA) weights. ``arch``, when given, must agree."""
+    described = checkpoint.arch
+    if arch is not None:
+        check_arch(arch)
+        if described.get("name") not in (None, arch):
+            raise ToolError(f"{checkpoint.path} holds a {described['name']}, not a {arch}")
+        described = dict(described, name=described.get("name") or arch)
+    if described.get("name") is None or described.get("wmul") is None:
+        raise ToolError(f"{checkpoint.path}: cannot tell the architecture from the checkpoint's keys "
+                        f"(a ResNet of {', '.join(ARCHITECTURES)} is expected)")
+    check_arch(described["name"])
+    if described.get("num_classes") is None:
+        raise ToolError(f"{checkpoint.path}: no classifier weights (fc.weight) in the checkpoint")
+    model = build_model(described["name"], described["dynamic"], described["num_classes"], described["wmul"])
+    load_model_state(model, weights_of(checkpoint, ema))
+    return model.eval()
+
+
+def fresh_model(arch: str, dynamic: bool, num_classes: int, wmul: float, seed: int = 0) -> nn.Module:
+    """A randomly initialized model (seeded), in eval mode: for exporting or timing without a checkpoint."""
+    check_arch(arch)
+    if wmul <= 0 or num_classes <= 0:
+        raise ToolError(f"--wmul and --num-classes must be positive (got {wmul:g}, {num_classes})")
+    torch.manual_seed(seed)
+    return build_model(arch, dynamic, num_classes, wmul).eval()
+
+
+def checkpoint_classes(checkpoint: Checkpoint) -> Optional[List[str]]:
+    """The class names a checkpoint stores (its ``classes`` entry), or None."""
+    classes = checkpoint.extra.get("classes")
+    if isinstance(classes, (list, tuple)) and all(isinstance(name, str) for name in classes):
+        return list(classes)
+    return None
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda`` (an error without a GPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ToolError("--device cuda asked, but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, amp: bool):
+    """The engine's mixed precision: float16 autocast on CUDA, bfloat16 on the CPU; nothing without ``amp``."""
+    from .training import Precision
+
+    return Precision.create(amp, device).autocast()
