@@ -1,0 +1,1 @@
+"""Benchmarks of the operator, the models and the data loading (scripts; importable for their helpers)."""

@@ -1,0 +1,129 @@
+"""Whole-model training step: static ResNet vs PEDConv (fast path) vs PEDConv (the release's reference path).
+
+One step is a forward, the loss (cross-entropy, plus 0.001 x the info-max loss for PEDConv models, as training
+adds), a backward and an SGD (momentum) step. The variants take turns (interleaved, median of ``--iters``) so that
+load from elsewhere on the machine hits them alike; peak memory is measured over one step (on CPU from the
+profiler's allocation events, on GPU by torch.cuda.max_memory_allocated), on top of what the model and optimizer
+already hold. Ratios are within one run:
+
+    python benchmarks/models.py --arch resnet18 -b 16
+    python benchmarks/models.py --arch resnet50 -b 16
+    python benchmarks/models.py --arch resnet18 -b 16 --no-reference --profile   # where the extra time goes
+
+On a GPU the three variants are also measured under AMP (float16 autocast, GradScaler) with channels_last.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks.pedconv_layer import median_times, peak_memory  # noqa: E402
+from image_classification.models import ARCHITECTURES, build_model, set_pedconv_method  # noqa: E402
+from pedconv import info_max_loss  # noqa: E402
+
+INFO_MAX_WEIGHT = 1e-3
+
+
+def build_variant(kind: str, arch: str, device, wmul: float, channels_last: bool):
+    """kind: static, fast (PEDConv, method auto) or reference (PEDConv, method reference on every layer)."""
+    torch.manual_seed(0)
+    model = build_model(arch, dynamic=kind != "static", wmul=wmul)
+    if kind == "reference":
+        set_pedconv_method(model, "reference")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return model.to(device=device, memory_format=memory_format).train()
+
+
+def make_train_step(model, batch: int, image_size: int, device, amp: bool, channels_last: bool):
+    """A closure running one training step of ``model`` on a fixed random batch."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, model.fc.out_features, (batch,), generator=generator).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, init_scale=128.0, enabled=amp and amp_dtype is torch.float16)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            loss = F.cross_entropy(model(images), labels) + INFO_MAX_WEIGHT * info_max_loss(model)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def profile_step(step, label: str, rows: int) -> None:
+    """Print the operators that take the most (self) time in one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    print(f"\n## {label}: top operators by self CPU time (one step)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", default="resnet18", choices=ARCHITECTURES)
+    parser.add_argument("-b", "--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--wmul", type=float, default=1.0)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--channels-last", action="store_true", help="also the plain variants in channels_last")
+    parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference path")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--profile", action="store_true", help="print the top operators of static and fast steps")
+    parser.add_argument("--profile-rows", type=int, default=15)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+
+    kinds = ["static", "fast"] + ([] if args.no_reference else ["reference"])
+    # (label, kind, amp, channels_last); on a GPU also AMP with channels_last, as training runs there
+    variants = [(kind, kind, False, args.channels_last) for kind in kinds]
+    if device.type == "cuda":
+        variants += [(f"{kind}+amp+nhwc", kind, True, True) for kind in kinds]
+    steps = {}
+    for label, kind, amp, channels_last in variants:
+        model = build_variant(kind, args.arch, device, args.wmul, channels_last)
+        steps[label] = make_train_step(model, args.batch_size, args.image_size, device, amp, channels_last)
+
+    print(f"# {args.arch} x{args.wmul:g}, batch {args.batch_size}, {args.image_size}px, {device}, threads "
+          f"{torch.get_num_threads()}, {'channels_last' if args.channels_last else 'nchw'}; training step "
+          f"(forward, loss, backward, SGD), median of {args.iters}, variants interleaved")
+    times = median_times(steps, device, args.iters, args.warmup)
+    memory = {} if args.no_memory else {label: peak_memory(step, device) for label, step in steps.items()}
+    for label in steps:
+        line = f"{label:>22}: {times[label] * 1e3:9.1f} ms/step"
+        if memory:
+            line += f"  peak {memory[label] / 2**20:8.1f} MiB"
+        print(line)
+    for suffix in sorted({label[len(kind):] for label, kind, _, _ in variants}):
+        base = f"static{suffix}"
+        for kind in kinds[1:]:
+            label = f"{kind}{suffix}"
+            text = f"RATIO time {label}/{base} = {times[label] / times[base]:.3f}"
+            if memory:
+                text += f"   memory {label}/{base} = {memory[label] / memory[base]:.3f}"
+            print(text)
+        if "reference" in kinds:
+            print(f"RATIO time reference{suffix}/fast{suffix} = "
+                  f"{times[f'reference{suffix}'] / times[f'fast{suffix}']:.3f}")
+    if args.profile:
+        for label in ("static", "fast"):
+            profile_step(steps[label], label, args.profile_rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Helpers shared by the model tests."""
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from image_classification.models import build_model
+
+INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_normal_", "kaiming_uniform_", "constant_", "zeros_", "ones_")
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Build modules on the meta device without drawing initial values (which is slow there): keys and shapes."""
+    saved = {name: getattr(nn.init, name) for name in INIT_FUNCTIONS}
+    for name in INIT_FUNCTIONS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
+def meta_model(arch, **kwargs):
+    """``build_model(arch, **kwargs)`` on the meta device, parameters uninitialized."""
+    with shapes_only():
+        return build_model(arch, **kwargs)
