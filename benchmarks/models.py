@@ -9,22 +9,25 @@ already hold. Ratios are within one run:
     python benchmarks/models.py --arch resnet18 -b 16
     python benchmarks/models.py --arch resnet50 -b 16
     python benchmarks/models.py --arch resnet18 -b 16 --no-reference --profile   # where the extra time goes
+    python benchmarks/models.py --arch resnet18 -b 16 --iters 1 --no-memory --saved   # where the extra memory goes
 
 On a GPU the three variants are also measured under AMP (float16 autocast, GradScaler) with channels_last.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from benchmarks.pedconv_layer import median_times, peak_memory  # noqa: E402
 from image_classification.models import ARCHITECTURES, build_model, set_pedconv_method  # noqa: E402
-from pedconv import info_max_loss  # noqa: E402
+from pedconv import PEDConv2d, info_max_loss  # noqa: E402
 
 INFO_MAX_WEIGHT = 1e-3
 
@@ -61,6 +64,55 @@ def make_train_step(model, batch: int, image_size: int, device, amp: bool, chann
     return step
 
 
+def saved_by_layer(model, batch: int, image_size: int, device) -> dict:
+    """Bytes that one training forward saves for the backward, by the conv layer that saved them (storage counted
+    once, by the first layer to save it; what BatchNorm, ReLU... save is under "other")."""
+    current, sizes, seen = ["other"], collections.Counter(), set()
+
+    def leave(module, args, output):
+        current.pop()
+
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, PEDConv2d)):
+            hooks.append(module.register_forward_pre_hook(lambda m, args, name=name: current.append(name)))
+            hooks.append(module.register_forward_hook(leave))
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            sizes[current[-1]] += storage.nbytes()
+        return tensor
+
+    images = torch.randn(batch, 3, image_size, image_size, device=device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    return sizes
+
+
+def print_saved_breakdown(arch, batch, image_size, device, wmul) -> None:
+    """Saved-for-backward MiB of the static and the PEDConv model's convs, by stage and kernel size."""
+    saved = {kind: saved_by_layer(build_variant(kind, arch, device, wmul, False), batch, image_size, device)
+             for kind in ("static", "fast")}
+    model = build_model(arch, dynamic=True, wmul=wmul)
+    groups = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    for name, module in model.named_modules():
+        if isinstance(module, PEDConv2d):
+            key = (name.split(".")[0], "x".join(map(str, module.kernel_size)))
+            groups[key][0] += 1
+            groups[key][1] += saved["static"][name] / 2**20
+            groups[key][2] += saved["fast"][name] / 2**20
+    print("\n## saved for the backward by the layers PEDConv replaces (MiB, one forward)")
+    for (stage, kernel), (count, static, fast) in sorted(groups.items()):
+        print(f"{stage} {kernel:>3} x{count:<2}: static {static:7.1f}  fast {fast:7.1f}  extra {fast - static:7.1f}")
+    totals = {kind: sum(sizes.values()) / 2**20 for kind, sizes in saved.items()}
+    print(f"whole model: static {totals['static']:.1f}  fast {totals['fast']:.1f}  "
+          f"extra {totals['fast'] - totals['static']:.1f}")
+
+
 def profile_step(step, label: str, rows: int) -> None:
     """Print the operators that take the most (self) time in one step."""
     from torch.profiler import ProfilerActivity, profile
@@ -86,6 +138,8 @@ def main(argv=None):
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--profile", action="store_true", help="print the top operators of static and fast steps")
     parser.add_argument("--profile-rows", type=int, default=15)
+    parser.add_argument("--saved", action="store_true",
+                        help="print what the convs save for the backward, static vs fast, by stage and kernel")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
@@ -123,6 +177,8 @@ def main(argv=None):
     if args.profile:
         for label in ("static", "fast"):
             profile_step(steps[label], label, args.profile_rows)
+    if args.saved:
+        print_saved_breakdown(args.arch, args.batch_size, args.image_size, device, args.wmul)
 
 
 if __name__ == "__main__":
