@@ -32,6 +32,8 @@ while exporting or tracing, so an exported graph keeps a dynamic batch axis.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -56,6 +58,12 @@ def conv_output_size(size: IntPair, kernel: IntPair, stride: IntPair, padding: I
     return tuple(
         (size[d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in range(2)
     )
+
+
+def _plain_ops_only() -> bool:
+    """True where the hand-written autograd functions must give way to plain differentiable ops: under
+    torch.compile (the compiler traces the plain ops) and torch.func transforms (grad, vmap...)."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
 def _is_exporting() -> bool:
@@ -171,8 +179,9 @@ def _column_scale(gate_in: torch.Tensor, gate_tap: torch.Tensor, kernel: IntPair
 class _UnfoldPEDConv(torch.autograd.Function):
     """Rank-1, groups=1 PEDConv via gated im2col and one shared-weight GEMM (forward and backward).
 
-    All tensors arrive in one dtype (see :func:`_unfold_gemm`). Saves the padded NHWC input, the gated columns
-    and the raw (ungated) output for the backward."""
+    All tensors arrive in one dtype (see :func:`_in_one_dtype`). For the backward it keeps only the input (which
+    the layer before keeps anyway) and the raw output, and rebuilds the gated columns (kh*kw times the input)
+    there: one more gather pass, for memory close to a static convolution's."""
 
     @staticmethod
     def forward(ctx, x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, channels_last):
@@ -190,14 +199,16 @@ class _UnfoldPEDConv(torch.autograd.Function):
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty_like(raw_nchw, memory_format=memory_format)
         torch.mul(raw_nchw, gate_out.view(batch, out_channels, 1, 1), out=out)
-        ctx.save_for_backward(padded, weight, gate_out, gate_in, gate_tap, columns, raw)
+        ctx.save_for_backward(x, weight, gate_out, gate_in, gate_tap, raw)
         ctx.conv = (kernel, stride, padding, dilation, out_size, tuple(x.shape), _memory_format_of(x))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        padded, weight, gate_out, gate_in, gate_tap, columns, raw = ctx.saved_tensors
+        x, weight, gate_out, gate_in, gate_tap, raw = ctx.saved_tensors
         kernel, stride, padding, dilation, out_size, x_shape, x_format = ctx.conv
+        windows = _windows(_padded_nhwc(x, padding), kernel, stride, dilation, out_size)
+        scale = _column_scale(gate_in, gate_tap, kernel)
         batch = x_shape[0]
         out_channels, in_channels, kh, kw = weight.shape
         # NHWC rows of the incoming gradient; a copy only when the caller's layout is NCHW.
@@ -209,15 +220,16 @@ class _UnfoldPEDConv(torch.autograd.Function):
         raw_grad_rows = raw_grad_rows.view(-1, out_channels)
         weight_rows = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
         if ctx.needs_input_grad[1]:
+            columns = x.new_empty(windows.shape)
+            torch.mul(windows, scale, out=columns)
             grad_weight_rows = torch.mm(raw_grad_rows.t(), columns.reshape(raw_grad_rows.shape[0], -1))
+            del columns
             grad_weight = grad_weight_rows.view(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
             grad_weight = grad_weight.contiguous(memory_format=_memory_format_of(weight))
         need_x, need_in, need_tap = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         if need_x or need_in or need_tap:
-            grad_columns = torch.mm(raw_grad_rows, weight_rows).view(columns.shape)  # w.r.t. the gated columns
-            scale = _column_scale(gate_in, gate_tap, kernel)
+            grad_columns = torch.mm(raw_grad_rows, weight_rows).view(windows.shape)  # w.r.t. the gated columns
             if need_in or need_tap:
-                windows = _windows(padded, kernel, stride, dilation, out_size)
                 grad_scale = (grad_columns * windows).sum((1, 2))  # (B, kh, kw, Cin)
                 if need_in:
                     grad_gate_in = (grad_scale * gate_tap.view(batch, kh, kw, 1)).sum((1, 2))
@@ -252,18 +264,31 @@ def _col2im(grad_columns, x_shape, kernel, stride, padding, dilation):
     return interior.permute(0, 3, 1, 2)
 
 
-def _unfold_gemm(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation):
-    """Sum of rank-1 :class:`_UnfoldPEDConv` terms, run in one dtype (autocast's, when it is on)."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+def _in_one_dtype(*tensors):
+    """The tensors cast to autocast's dtype when it is on for their device, else to their common dtype.
+
+    The hand-written autograd functions run with autocast off, on these: their backward then sees one dtype.
+    """
+    device_type = tensors[0].device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
     else:
-        dtype = torch.promote_types(x.dtype, weight.dtype)
-    tensors = [t.to(dtype) for t in (x, weight, gate_out, gate_in, gate_tap)]
-    x, weight, gate_out, gate_in, gate_tap = tensors
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    return [t.to(dtype) for t in tensors]
+
+
+def _autocast_off(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _unfold_gemm(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation):
+    """Sum of rank-1 :class:`_UnfoldPEDConv` terms, run in one dtype (autocast's, when it is on)."""
+    x, weight, gate_out, gate_in, gate_tap = _in_one_dtype(x, weight, gate_out, gate_in, gate_tap)
     channels_last = _memory_format_of(x) == torch.channels_last
     out = None
-    with torch.autocast(device_type, enabled=False):
+    with _autocast_off(x.device.type):
         for r in range(gate_out.shape[1]):
             term = _UnfoldPEDConv.apply(
                 x, weight, gate_out[:, r], gate_in[:, r], gate_tap[:, r], stride, padding, dilation, channels_last
@@ -365,8 +390,7 @@ def pedconv2d(
     if method == "auto":
         out_size = conv_output_size(tuple(x.shape[-2:]), (kh, kw), stride, padding, dilation)
         method = choose_method(batch, x.shape[1], out_channels, (kh, kw), groups, out_size)
-    if method == "unfold" and groups == 1 and not torch.compiler.is_compiling():
-        # The hand-written backward is for eager mode; under torch.compile the composed ops below are traced instead.
+    if method == "unfold" and groups == 1 and not _plain_ops_only():
         return _finish(_unfold_gemm(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation), bias, channels_last)
     if method == "taps":
         out = _taps_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups)
@@ -375,19 +399,116 @@ def pedconv2d(
         out = _unfold_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups)
         return _finish(out, bias, channels_last)
     # grouped: per-sample kernels, all gates folded in (the kernel is built anyway for the tap gate).
-    kernels = weight.unsqueeze(0) * modulation(gate_out, gate_in, gate_tap).view(batch, *weight.shape)
-    out = _grouped_conv(x.contiguous(), kernels, stride, padding, dilation, groups)
+    if _plain_ops_only():
+        kernels = weight.unsqueeze(0) * modulation(gate_out, gate_in, gate_tap).view(batch, *weight.shape)
+        out = _grouped_conv(x.contiguous(), kernels, stride, padding, dilation, groups)
+    else:
+        tensors = _in_one_dtype(x.contiguous(), weight, gate_out, gate_in, gate_tap)
+        with _autocast_off(x.device.type):
+            out = _GroupedPEDConv.apply(*tensors, stride, padding, dilation, groups)
     return _finish(out, bias, channels_last)
+
+
+class _GroupedPEDConv(torch.autograd.Function):
+    """Per-sample kernels W0 * A_b in one batch-folded grouped convolution, rebuilt in the backward.
+
+    Autograd through the plain ops would keep the modulation and the kernels (each B times the weight) for the
+    backward; this keeps only the input (kept by the layer before anyway), W0 and the gates, and builds the
+    kernels again there (cheap where this path is chosen: small kernels, large maps).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups):
+        kernels = weight.unsqueeze(0) * modulation(gate_out, gate_in, gate_tap).view(x.shape[0], *weight.shape)
+        ctx.save_for_backward(x, weight, gate_out, gate_in, gate_tap)
+        ctx.conv = (stride, padding, dilation, groups)
+        return _grouped_conv(x, kernels, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, gate_out, gate_in, gate_tap = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        batch, in_channels, height, width = x.shape
+        mod = modulation(gate_out, gate_in, gate_tap).view(batch, *weight.shape)
+        kernels = weight.unsqueeze(0) * mod
+        need_gates = any(ctx.needs_input_grad[2:5])
+        grad_x, grad_kernels, _ = torch.ops.aten.convolution_backward(
+            grad_out.contiguous().view(1, -1, *grad_out.shape[-2:]),
+            x.view(1, batch * in_channels, height, width),
+            kernels.view(-1, *weight.shape[1:]),
+            None, list(stride), list(padding), list(dilation), False, [0, 0], groups * batch,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1] or need_gates, False],
+        )
+        grad_weight = grad_gate_out = grad_gate_in = grad_gate_tap = None
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape)
+        if grad_kernels is not None:
+            grad_kernels = grad_kernels.view(batch, *weight.shape)
+            if ctx.needs_input_grad[1]:
+                grad_weight = (grad_kernels * mod).sum(0)
+            if need_gates:
+                grad_mod = (grad_kernels * weight.unsqueeze(0)).view(batch, weight.shape[0], weight.shape[1], -1)
+                grad_gate_out = torch.einsum("boip,bri,brp->bro", grad_mod, gate_in, gate_tap)
+                grad_gate_in = torch.einsum("boip,bro,brp->bri", grad_mod, gate_out, gate_tap)
+                grad_gate_tap = torch.einsum("boip,bro,bri->brp", grad_mod, gate_out, gate_in)
+        return grad_x, grad_weight, grad_gate_out, grad_gate_in, grad_gate_tap, None, None, None, None
+
+
+class _ScaledConv(torch.autograd.Function):
+    """out_scale * conv(in_scale * x, W0) with per-sample channel scales (B, Cout) and (B, Cin).
+
+    Autograd through the three ops would keep the scaled copy of the input for the backward; this keeps only the
+    input (kept by the layer before anyway) and the raw convolution output, and scales the input again there.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, out_scale, in_scale, stride, padding, dilation, groups):
+        scaled = x * in_scale[:, :, None, None]
+        raw = F.conv2d(scaled, weight, None, stride, padding, dilation, groups)
+        del scaled
+        ctx.save_for_backward(x, weight, out_scale, in_scale, raw)
+        ctx.conv = (stride, padding, dilation, groups)
+        return raw * out_scale[:, :, None, None]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, out_scale, in_scale, raw = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        grad_out = grad_out.to(raw.dtype)
+        grad_out_scale = (grad_out * raw).sum((2, 3)) if ctx.needs_input_grad[2] else None
+        grad_raw = grad_out * out_scale[:, :, None, None]
+        scaled = x * in_scale[:, :, None, None]
+        need_input = ctx.needs_input_grad[0] or ctx.needs_input_grad[3]
+        grad_scaled, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_raw, scaled, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+            [need_input, ctx.needs_input_grad[1], False],
+        )
+        grad_x = grad_in_scale = None
+        if need_input:
+            if ctx.needs_input_grad[3]:
+                grad_in_scale = (grad_scaled * x).sum((2, 3))
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_scaled * in_scale[:, :, None, None]
+        return grad_x, grad_weight, grad_out_scale, grad_in_scale, None, None, None, None
 
 
 def _pointwise_shared(x, weight, out_scale, in_scale, stride, padding, dilation, groups):
     """Rank-R 1x1 PEDConv with the shared weight: sum_r out_scale_r * conv1x1(in_scale_r * x, W0)."""
+    if _plain_ops_only() or _is_exporting():
+        function = None
+    else:
+        function = _ScaledConv
+        x, weight, out_scale, in_scale = _in_one_dtype(x, weight, out_scale, in_scale)
     out = None
-    for r in range(out_scale.shape[1]):
-        scaled = x * in_scale[:, r].repeat(1, groups)[:, :, None, None]
-        term = F.conv2d(scaled, weight, None, stride, padding, dilation, groups)
-        term = term * out_scale[:, r, :, None, None]
-        out = term if out is None else out + term
+    with _autocast_off(x.device.type) if function else contextlib.nullcontext():
+        for r in range(out_scale.shape[1]):
+            channel_scale = in_scale[:, r].repeat(1, groups)
+            if function is None:
+                term = F.conv2d(x * channel_scale[:, :, None, None], weight, None, stride, padding, dilation, groups)
+                term = term * out_scale[:, r, :, None, None]
+            else:
+                term = function.apply(x, weight, out_scale[:, r], channel_scale, stride, padding, dilation, groups)
+            out = term if out is None else out + term
     return out
 
 
