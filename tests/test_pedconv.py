@@ -381,3 +381,25 @@ def test_layer_benchmark_runs_and_prints_the_ratios(capsys):
     out = capsys.readouterr().out
     assert "RATIO resnet18 fast/static = " in out and "RATIO resnet18 reference/fast = " in out
     assert len([line for line in out.splitlines() if line[:3].strip().isdigit()]) == 7  # the 7 dynamic shapes
+
+
+@pytest.mark.parametrize("method, shape", [("unfold", (64, 64, 3, 14)), ("grouped", (16, 16, 3, 28)),
+                                           ("unfold", (64, 128, 1, 14)), ("auto", (64, 64, 3, 14))])
+def test_the_fast_paths_keep_little_for_the_backward(method, shape):
+    """Memory: besides the input (which the previous layer keeps anyway), a fast path keeps about one output's
+    worth for the backward, not the unfolded columns (kh*kw inputs) nor per-sample kernels/modulations."""
+    cin, cout, k, size = shape
+    layer = PEDConv2d(cin, cout, k, padding=k // 2, method=method).train()
+    x = torch.randn(8, cin, size, size, requires_grad=True)
+    saved = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() != x.data_ptr():
+            saved[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    parameters = sum(p.numel() * p.element_size() for p in layer.parameters())
+    activation_bytes = sum(saved.values()) - parameters
+    assert activation_bytes <= 1.5 * out.numel() * out.element_size(), activation_bytes
