@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -63,13 +63,14 @@ def all_reduce_sum(values: torch.Tensor, context: Context) -> torch.Tensor:
     return values
 
 
-def any_rank(flag: bool, context: Context) -> bool:
-    """True when ``flag`` is true on any rank (every rank must call it at the same step)."""
+def reduce_step(loss: torch.Tensor, stop: bool, context: Context) -> Tuple[float, bool]:
+    """(mean of ``loss`` over ranks, whether ``stop`` is true on any rank), in one all-reduce; every rank must
+    call it at the same step."""
     if not context.distributed:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=context.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+        return loss.item(), stop
+    values = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(stop), device=loss.device)])
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values[0].item() / context.world_size, bool(values[1].item() > 0)
 
 
 def shutdown(context: Optional[Context]) -> None:

@@ -18,6 +18,7 @@ from .ema import EMA
 from .losses import Mixup, SoftTargetCrossEntropy
 from .models import ARCHITECTURES, build_model, set_pedconv_method
 from .optim import build_optimizer, lr_schedule
+from .summary import format_summary, summarize
 from .training import GracefulStop, Precision, Trainer
 
 logger = logging.getLogger(__name__)
@@ -161,11 +162,14 @@ def _run(args, context: distributed.Context) -> int:
     loaders = _loaders(args, context, memory_format)
     num_classes = args.num_classes or (len(loaders.classes) if loaders.classes else 1000)
     model = _build_model(args, num_classes, checkpoint)
+    summary = summarize(model, args.image_size)  # on the CPU, before the model moves
     model = model.to(context.device, memory_format=memory_format)
 
     report_path = os.path.join(args.workspace, args.raport_file) if args.raport_file else None
     report = Report(report_path if context.is_main else None, args.print_freq)
-    report.parameters(vars(args))
+    report.parameters({**vars(args), "model.params": summary.params,
+                       "model.params_without_decoders": summary.params_without_decoders,
+                       "model.macs": summary.macs, "model.pedconv_layers": summary.dynamic_layers})
     precision = Precision.create(args.amp, context.device, args.static_loss_scale, args.dynamic_loss_scale)
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.momentum, args.weight_decay, args.nesterov,
                                 args.bn_weight_decay, args.rmsprop_alpha, args.rmsprop_eps)
@@ -186,8 +190,8 @@ def _run(args, context: distributed.Context) -> int:
                       accumulation=accumulation, infomax_weight=args.infomax_weight if args.dynamic else 0.0,
                       mixup=mixup, ema=ema, memory_format=memory_format, prof=args.prof, topk=args.topk,
                       inner_model=model)
-    logger.info("%s%s: %s parameters; %d process(es) on %s; batch %d x %d, accumulation %d",
-                args.arch, " (PEDConv)" if args.dynamic else "", f"{sum(p.numel() for p in model.parameters()):,}",
+    logger.info("%s; %d process(es) on %s; batch %d x %d, accumulation %d",
+                format_summary(summary, f"{args.arch}{' (PEDConv)' if args.dynamic else ''} x{args.wmul:g}"),
                 context.world_size, context.device, args.batch_size, context.world_size, accumulation)
 
     if args.evaluate:

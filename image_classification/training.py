@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import pedconv
 
-from .distributed import Context, all_reduce_sum, any_rank
+from .distributed import Context, all_reduce_sum, reduce_step
 from .dllog import Report
 from .ema import EMA
 from .losses import Mixup
@@ -148,7 +148,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
                     self.ema.update(self.inner_model)
-            loss_value = loss.item()
+            # One collective per step on several ranks: the mean loss and whether any rank was asked to stop.
+            loss_value, stop = reduce_step(loss, self.stop.requested, self.context)
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1}, iteration {iteration}")
             iteration_time = time.perf_counter() - end
@@ -166,7 +167,6 @@ class Trainer:
                 metrics["train.infomax_loss"] = infomax
             averages.add(metrics)
             self.report.log((epoch + 1, iteration), metrics)
-            stop = any_rank(self.stop.requested, self.context) if self.context.distributed else self.stop.requested
             if stop:
                 self.stop.requested = True
                 break

@@ -58,6 +58,9 @@ def test_short_run_lowers_the_loss_and_writes_a_complete_report(data_root, tmp_p
     logs = [e for e in entries if e["type"] == "LOG"]
     params = [e for e in logs if e["step"] == "PARAMETER"]
     assert len(params) == 1 and params[0]["data"]["arch"] == "resnet18" and params[0]["data"]["dynamic"] is True
+    assert params[0]["data"]["model.pedconv_layers"] == 16
+    assert params[0]["data"]["model.params"] > params[0]["data"]["model.params_without_decoders"] > 0
+    assert params[0]["data"]["model.macs"] > 0
     train_steps = [e for e in logs if isinstance(e["step"], list) and len(e["step"]) == 2]
     val_steps = [e for e in logs if isinstance(e["step"], list) and len(e["step"]) == 3]
     epochs = [e for e in logs if isinstance(e["step"], list) and len(e["step"]) == 1]
