@@ -14,8 +14,11 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from image_classification.checkpoints import load_checkpoint, save_checkpoint
-from image_classification.tools import ToolParser, check_output_folder, model_from_checkpoint, tool_main, weights_of
+import torch
+
+from image_classification.checkpoints import load_checkpoint
+from image_classification.tools import (ToolParser, atomic_output, check_output_folder, model_from_checkpoint,
+                                        tool_main, weights_of)
 
 
 def build_parser() -> ToolParser:
@@ -34,7 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     state = weights_of(checkpoint, args.ema)
     if checkpoint.arch.get("name") is not None:
         model_from_checkpoint(checkpoint, ema=args.ema)  # the weights fit the architecture they claim
-    save_checkpoint(dict(state), args.weight_path)
+    with atomic_output(args.weight_path) as temporary:
+        torch.save(dict(state), temporary)
     described = checkpoint.arch
     kind = "PEDConv " if described.get("dynamic") else ""
     print(f"{args.weight_path}: {'EMA ' if args.ema else ''}weights of {kind}{described.get('name') or 'a model'}"

@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch  # noqa: E402
 
-from image_classification.report import load_run, mean_spread, run_row, write_report  # noqa: E402
+from image_classification.report import finished, load_run, mean_spread, run_row, write_report  # noqa: E402
 from image_classification.tools import ToolError, ToolParser, quiet_logging, tool_main, write_text  # noqa: E402
 
 MODELS = {"static": False, "PEDConv": True}
@@ -57,6 +57,8 @@ def train(data: str, model: str, seed: int, epochs: int, out: str, workers: int)
     status = engine.main(recipe_argv(data, MODELS[model], seed, epochs, workspace, workers))
     if status != 0:
         raise ToolError(f"the {model} run with seed {seed} failed (main.py exit status {status})")
+    if not finished(report):
+        raise ToolError(f"the {model} run with seed {seed} was stopped before its end; nothing summarized")
     return report, time.perf_counter() - start
 
 

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from image_classification.dllog import read_report  # noqa: E402
+from image_classification.report import finished  # noqa: E402
 from image_classification.tools import (ToolError, ToolParser, check_arch, quiet_logging, tool_main,  # noqa: E402
                                         write_text)
 
@@ -120,6 +121,8 @@ def run_one(args, model: str, mode: str, precision: str, batch: int, workspace: 
             torch.cuda.empty_cache()
     if status != 0:
         raise ToolError(f"the {model} {mode} run at batch {batch} ({precision}) failed (main.py exit status {status})")
+    if not finished(report):
+        raise ToolError(f"the {model} {mode} run at batch {batch} ({precision}) was stopped before its end")
     compute, total, images = measured(report, mode, args.warmup_iters)
     if not compute:
         result.failure = "no measured iteration"

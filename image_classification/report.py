@@ -92,6 +92,12 @@ def load_run(path: str, label: Optional[str] = None) -> Run:
     return run
 
 
+def finished(path: str) -> bool:
+    """True if the report ends a run: it holds the run summary (step ``[]``), which main.py writes only after the
+    last epoch (a run stopped by SIGTERM or Ctrl-C returns without it)."""
+    return os.path.isfile(path) and any(e.get("type") == "LOG" and e.get("step") == [] for e in read_report(path))
+
+
 def moving_average(values: Sequence[float], window: int) -> List[float]:
     """Trailing mean over up to ``window`` values (NaNs skipped), same length as ``values``."""
     out, total, count, queue = [], 0.0, 0, []

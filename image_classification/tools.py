@@ -86,6 +86,12 @@ def check_output_folder(path: str) -> str:
     return directory
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(path: str) -> Iterator[str]:
     """Yield a temporary path beside ``path`` (same extension); on success it is renamed to ``path``, on failure
@@ -97,6 +103,7 @@ def atomic_output(path: str) -> Iterator[str]:
     os.close(handle)
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes it private; the result gets the usual mode
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -18,6 +18,7 @@ from benchmarks import accuracy, throughput
 from image_classification import report
 from image_classification.checkpoints import load_checkpoint
 from image_classification.models import build_model
+from image_classification.tools import current_umask
 from tests.data_utils import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +132,7 @@ def test_checkpoint2model_with_and_without_ema(trained, tmp_path, capsys):
         model.load_state_dict(exported)  # strict: a bare state_dict of the model
     assert not torch.equal(plain_state["fc.weight"], ema_state["fc.weight"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.pth", "weights.pth"]  # no temporary files left
+    assert plain.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # not the temporary file's private mode
     # the bare state_dict has no EMA to export
     status, _, err = run_tool(checkpoint2model, ["--checkpoint-path", plain, "--weight-path", tmp_path / "x.pth",
                                                  "--ema"], capsys)
@@ -197,6 +199,7 @@ def test_report_plots_and_summary_from_a_small_real_report(trained, tmp_path, ca
     assert "| PEDConv | resnet18 PEDConv x0.125 | 2 |" in summary and "| again |" in summary
     assert all(f"({name})" in summary for name in report.PLOTS)
     assert sorted(p.name for p in out.iterdir()) == sorted([*report.PLOTS, "summary.md"])
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~current_umask() for p in out.iterdir())
     # repeated labels get a mean-and-spread row
     status, _, err = run_tool(report, [raport, raport, "--out", out, "--labels", "same", "same"], capsys)
     assert status == 0 and "| same | 2 |" in (out / "summary.md").read_text()
