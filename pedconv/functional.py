@@ -219,29 +219,22 @@ class _UnfoldPEDConv(torch.autograd.Function):
             grad_gate_out = (grad_out_rows.view(batch, -1, out_channels) * raw.view(batch, -1, out_channels)).sum(1)
         raw_grad_rows = raw_grad_rows.view(-1, out_channels)
         weight_rows = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
-        need_x, need_in, need_tap = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        columns = None
-        if ctx.needs_input_grad[1] or need_in or need_tap:
-            columns = x.new_empty(windows.shape)  # the gated columns again (the forward did not keep them)
-            torch.mul(windows, scale, out=columns)
         if ctx.needs_input_grad[1]:
-            grad_weight_rows = torch.mm(raw_grad_rows.t(), columns.view(raw_grad_rows.shape[0], -1))
+            columns = x.new_empty(windows.shape)
+            torch.mul(windows, scale, out=columns)
+            grad_weight_rows = torch.mm(raw_grad_rows.t(), columns.reshape(raw_grad_rows.shape[0], -1))
+            del columns
             grad_weight = grad_weight_rows.view(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
             grad_weight = grad_weight.contiguous(memory_format=_memory_format_of(weight))
+        need_x, need_in, need_tap = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         if need_x or need_in or need_tap:
             grad_columns = torch.mm(raw_grad_rows, weight_rows).view(windows.shape)  # w.r.t. the gated columns
             if need_in or need_tap:
-                # d/d scale[b, k] = sum_l grad_columns * columns / scale: a dot product over the positions, read
-                # from two dense tensors. Where a gate has saturated to 0 the sigmoid's slope is 0 too, so the
-                # clamp only avoids 0/0.
-                rows = (batch, -1, kh * kw * in_channels)
-                dots = torch.linalg.vecdot(grad_columns.view(rows), columns.view(rows), dim=1)
-                grad_scale = (dots / scale.reshape(batch, -1).clamp_min(1e-30)).view(batch, kh, kw, in_channels)
+                grad_scale = (grad_columns * windows).sum((1, 2))  # (B, kh, kw, Cin)
                 if need_in:
                     grad_gate_in = (grad_scale * gate_tap.view(batch, kh, kw, 1)).sum((1, 2))
                 if need_tap:
                     grad_gate_tap = (grad_scale * gate_in.view(batch, 1, 1, -1)).sum(3).view(batch, -1)
-            del columns
             if need_x:
                 grad_x = _col2im(grad_columns.mul_(scale), x_shape, kernel, stride, padding, dilation)
                 grad_x = grad_x.contiguous(memory_format=x_format)
