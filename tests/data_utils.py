@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
+
+from dataloading import IMAGENET_MEAN_255, IMAGENET_STD_255
 
 # Well separated RGB colours; class k uses CLASS_COLOURS[k % len(CLASS_COLOURS)].
 CLASS_COLOURS: Sequence[tuple[int, int, int]] = (
@@ -96,3 +99,15 @@ def write_garbage_jpeg(path: Path, size: int = 2000, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(random.Random(seed).randbytes(size))
     return path
+
+
+def unnormalize(images: torch.Tensor) -> torch.Tensor:
+    """Loader output back to 0-255 RGB."""
+    mean = torch.tensor(IMAGENET_MEAN_255, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD_255, device=images.device).view(1, 3, 1, 1)
+    return images * std + mean
+
+
+def dominant_channel(images: torch.Tensor) -> torch.Tensor:
+    """Index of the strongest colour channel per image: the class in the colour fixture."""
+    return unnormalize(images).mean(dim=(2, 3)).argmax(dim=1)

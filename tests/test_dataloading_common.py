@@ -33,11 +33,6 @@ FOLDER_BACKENDS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def scan_cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv(integrity.CACHE_DIR_ENV, str(tmp_path / "scan-cache"))
-
-
 def small_loaders(backend, root, **kwargs):
     options = dict(workers=0, image_size=32, device="cpu")
     options.update(kwargs)

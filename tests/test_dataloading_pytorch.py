@@ -6,39 +6,17 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from dataloading import IMAGENET_MEAN_255, IMAGENET_STD_255, DataError, get_loaders, integrity
-from tests.data_utils import make_dataset, write_garbage_jpeg, write_truncated_jpeg
+from dataloading import DataError, get_loaders
+from tests.data_utils import dominant_channel, make_dataset, unnormalize, write_garbage_jpeg, write_truncated_jpeg
 
 IMAGE_SIZE = 32
 MEMORY_FORMATS = [torch.contiguous_format, torch.channels_last]
-
-
-@pytest.fixture(autouse=True)
-def scan_cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv(integrity.CACHE_DIR_ENV, str(tmp_path / "scan-cache"))
-
-
-@pytest.fixture(scope="module")
-def colour_data(tmp_path_factory):
-    """18 training images in 3 classes (red, green, blue), 18 validation images."""
-    return make_dataset(tmp_path_factory.mktemp("colours"), {"a": 7, "b": 6, "c": 5})
 
 
 def loaders_for(root, backend="pytorch", batch_size=4, **kwargs):
     options = dict(workers=0, image_size=IMAGE_SIZE, device="cpu", seed=3)
     options.update(kwargs)
     return get_loaders(backend, root, batch_size, **options)
-
-
-def unnormalize(images):
-    mean = torch.tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD_255).view(1, 3, 1, 1)
-    return images * std + mean
-
-
-def dominant_channel(images):
-    """Index of the strongest colour channel per image: the class in the colour fixture."""
-    return unnormalize(images).mean(dim=(2, 3)).argmax(dim=1)
 
 
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
