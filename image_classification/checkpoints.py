@@ -28,6 +28,7 @@ unreadable or refused file, a few lines (truncated lists) for keys or shapes tha
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -35,7 +36,7 @@ import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -365,19 +366,35 @@ def make_checkpoint(model: nn.Module, epoch: int, optimizer=None, scaler=None, b
     }
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary path beside ``path`` (same extension); on success it gets the usual file mode (umask) and
+    is renamed to ``path``, on failure it is removed: ``path`` is either the complete new file or what it was."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    suffix = os.path.splitext(path)[1]
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}", dir=directory)
+    os.close(handle)
+    try:
+        yield temporary
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes the file private
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
 def save_checkpoint(obj: Any, path: str) -> None:
     """``torch.save(obj, path)`` atomically: written to a temporary file beside ``path``, synced, then renamed, so
     that a crash never leaves a truncated checkpoint under ``path``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as stream:
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as stream:
             torch.save(obj, stream)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise

@@ -14,13 +14,12 @@ import functools
 import logging
 import os
 import sys
-import tempfile
 from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from .checkpoints import Checkpoint, CheckpointError, load_model_state
+from .checkpoints import Checkpoint, CheckpointError, atomic_path, load_model_state
 from .models import ARCHITECTURES, build_model
 
 EXIT_BAD_INPUT = 2
@@ -86,28 +85,12 @@ def check_output_folder(path: str) -> str:
     return directory
 
 
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def atomic_output(path: str) -> Iterator[str]:
-    """Yield a temporary path beside ``path`` (same extension); on success it is renamed to ``path``, on failure
-    removed, so ``path`` is either the complete new file or what it was before."""
-    path = os.fspath(path)
-    directory = check_output_folder(path)
-    suffix = os.path.splitext(path)[1]
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}", dir=directory)
-    os.close(handle)
-    try:
+    """:func:`checkpoints.atomic_path` after checking that the output folder exists (a ToolError if not)."""
+    check_output_folder(path)
+    with atomic_path(path) as temporary:
         yield temporary
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes it private; the result gets the usual mode
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def write_text(path: str, text: str) -> None:

@@ -189,6 +189,7 @@ def test_own_format_round_trip_with_optimizer_scaler_ema_and_rng(tmp_path):
 def test_a_failed_save_keeps_the_previous_file(tmp_path):
     path = tmp_path / "checkpoint.pth.tar"
     checkpoints.save_checkpoint({"epoch": 1}, path)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~checkpoints.current_umask()  # not mkstemp's private mode
     with pytest.raises(Exception):
         checkpoints.save_checkpoint({"epoch": 2, "bad": lambda: None}, path)
     assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]

@@ -18,7 +18,7 @@ from benchmarks import accuracy, throughput
 from image_classification import report
 from image_classification.checkpoints import load_checkpoint
 from image_classification.models import build_model
-from image_classification.tools import current_umask
+from image_classification.checkpoints import current_umask
 from tests.data_utils import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
