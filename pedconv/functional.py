@@ -369,27 +369,22 @@ def pedconv2d(
     channels_last = _memory_format_of(x) == torch.channels_last
     if method == "reference":
         return pedconv2d_reference(x, weight, gate_out, gate_in, gate_tap, bias, stride, padding, dilation, groups)
-    batch = x.shape[0]
     out_channels, _, kh, kw = weight.shape
+    if kh * kw > 1 and _is_exporting():
+        out = _unfold_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups)
+        return _finish(out, bias, channels_last)
+    if method == "auto":
+        out_size = conv_output_size(tuple(x.shape[-2:]), (kh, kw), stride, padding, dilation)
+        method = choose_method(x.shape[0], x.shape[1], out_channels, (kh, kw), groups, out_size)
 
     if kh * kw == 1:
         # 1x1: the tap gate is one scalar per sample, folded into the output gate.
         out_scale = gate_out * gate_tap
-        if method == "auto":
-            out_size = conv_output_size(tuple(x.shape[-2:]), (1, 1), stride, padding, dilation)
-            method = choose_method(batch, x.shape[1], out_channels, (1, 1), groups, out_size)
-        if method in ("grouped", "reference") and groups == 1 and padding == (0, 0):
+        if method == "grouped" and groups == 1 and padding == (0, 0):
             return _finish(_pointwise_per_sample(x, weight, out_scale, gate_in, stride), bias, channels_last)
         return _finish(_pointwise_shared(x, weight, out_scale, gate_in, stride, padding, dilation, groups), bias,
                        channels_last)
 
-    if _is_exporting():
-        out = _unfold_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups)
-        return _finish(out, bias, channels_last)
-
-    if method == "auto":
-        out_size = conv_output_size(tuple(x.shape[-2:]), (kh, kw), stride, padding, dilation)
-        method = choose_method(batch, x.shape[1], out_channels, (kh, kw), groups, out_size)
     if method == "unfold" and groups == 1 and not _plain_ops_only():
         return _finish(_unfold_gemm(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation), bias, channels_last)
     if method == "taps":
@@ -398,14 +393,13 @@ def pedconv2d(
     if method == "unfold":
         out = _unfold_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups)
         return _finish(out, bias, channels_last)
-    # grouped: per-sample kernels, all gates folded in (the kernel is built anyway for the tap gate).
+    # grouped: per-sample kernels, all gates folded in (the kernel is built anyway for the tap gate). In plain ops
+    # that is exactly the release's computation.
     if _plain_ops_only():
-        kernels = weight.unsqueeze(0) * modulation(gate_out, gate_in, gate_tap).view(batch, *weight.shape)
-        out = _grouped_conv(x.contiguous(), kernels, stride, padding, dilation, groups)
-    else:
-        tensors = _in_one_dtype(x.contiguous(), weight, gate_out, gate_in, gate_tap)
-        with _autocast_off(x.device.type):
-            out = _GroupedPEDConv.apply(*tensors, stride, padding, dilation, groups)
+        return pedconv2d_reference(x, weight, gate_out, gate_in, gate_tap, bias, stride, padding, dilation, groups)
+    tensors = _in_one_dtype(x.contiguous(), weight, gate_out, gate_in, gate_tap)
+    with _autocast_off(x.device.type):
+        out = _GroupedPEDConv.apply(*tensors, stride, padding, dilation, groups)
     return _finish(out, bias, channels_last)
 
 
