@@ -19,6 +19,7 @@ from dataloading.common import shard_range, val_batch_sizes, val_batches_per_ran
 from dataloading.dali import dali_available
 from tests.data_utils import (
     make_dataset,
+    unnormalize,
     make_image_folder,
     write_garbage_jpeg,
     write_jpeg,
@@ -37,6 +38,23 @@ def small_loaders(backend, root, **kwargs):
     options = dict(workers=0, image_size=32, device="cpu")
     options.update(kwargs)
     return get_loaders(backend, root, 4, **options)
+
+
+@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_batches_have_the_promised_shape_type_and_layout(colour_data, backend, memory_format):
+    loaders = small_loaders(backend, colour_data, memory_format=memory_format)
+    for loader in (loaders.train, loaders.val):
+        images, labels = list(loader)[0]  # a whole pass, which also closes DALI's epoch
+        assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+        assert images.device.type == "cpu"
+        assert images.is_contiguous(memory_format=memory_format)
+        if memory_format == torch.channels_last:
+            assert not images.is_contiguous()
+        assert labels.shape == (4,) and labels.dtype == torch.int64
+        pixels = unnormalize(images)
+        assert pixels.min() >= -0.5 and pixels.max() <= 255.5  # normalized with ImageNet mean/std
+        assert images.mean().abs() < 2
 
 
 # --- arguments -------------------------------------------------------------------------------
