@@ -109,6 +109,22 @@ def test_reference_matches_a_per_sample_convolution():
         assert modulation(gate_out, gate_in, gate_tap).shape == (x.shape[0], 12, 8, 9)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_global_avg_pool_matches_mean_in_value_and_gradient(memory_format):
+    """The gate generator's pooling hands back a broadcast gradient; it must equal autograd's mean's."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, 6).to(memory_format=memory_format)
+    weights = torch.randn(3, 5)
+    grads = []
+    for pool in (pedconv.functional.global_avg_pool, lambda t: t.mean((2, 3))):
+        leaf = x.detach().clone().requires_grad_(True)
+        pooled = pool(leaf)
+        (pooled * weights).sum().backward()
+        grads.append((pooled.detach(), leaf.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("method", ["auto", "grouped", "unfold", "reference"])
 def test_sample_output_does_not_depend_on_the_rest_of_the_batch(method):
     cfg = CONFIGS["stride2"]
