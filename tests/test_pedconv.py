@@ -90,6 +90,26 @@ def test_fast_paths_equal_reference_forward_and_gradients(name, method):
         assert_close(grads_fast[key], grads_ref[key], f"gradient of {key}")
 
 
+@pytest.mark.parametrize("name", ["3x3", "stride2", "dilation", "padding0", "rank3", "channels-last", "5x3"])
+def test_unfold_path_in_chunks_of_samples_equals_reference(name, monkeypatch):
+    """The unfold path takes the batch in chunks (pedconv.functional.COLUMN_CHUNK_BYTES): one sample per chunk and
+    two samples per chunk (a short last chunk) give the reference's output and gradients."""
+    cfg = CONFIGS[name]
+    x = make_input(cfg)
+    out_ref, grads_ref = forward_backward(make_layer(cfg, "reference").train(), x)
+    cin, _, k, s, p, d, _, size = cfg[:8]
+    kernel = pedconv.functional._pair(k)
+    out_h, out_w = pedconv.functional.conv_output_size(
+        (size, size), kernel, pedconv.functional._pair(s), pedconv.functional._pair(p), pedconv.functional._pair(d))
+    bytes_per_sample = out_h * out_w * kernel[0] * kernel[1] * cin * 4
+    for samples in (1, 2):
+        monkeypatch.setattr(pedconv.functional, "COLUMN_CHUNK_BYTES", samples * bytes_per_sample)
+        out_fast, grads_fast = forward_backward(make_layer(cfg, "unfold").train(), x)
+        assert_close(out_fast, out_ref, f"output, {samples} sample(s) per chunk")
+        for key in grads_ref:
+            assert_close(grads_fast[key], grads_ref[key], f"gradient of {key}, {samples} sample(s) per chunk")
+
+
 def test_reference_matches_a_per_sample_convolution():
     """The reference itself: sample by sample, conv2d with W0 * (a_out x a_in x a_k), written out longhand."""
     cfg = CONFIGS["rank3"]
