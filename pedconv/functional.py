@@ -443,6 +443,11 @@ def pedconv2d(
     return _finish(out, bias, channels_last)
 
 
+def _per_sample_kernels(weight: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+    """W0 * A_b for every sample, (B, Cout, Cin/G, kh, kw), written over ``mod`` (B, Cout, Cin/G, kh*kw)."""
+    return mod.view(mod.shape[0], *weight.shape).mul_(weight)
+
+
 class _GroupedPEDConv(torch.autograd.Function):
     """Per-sample kernels W0 * A_b in one batch-folded grouped convolution, rebuilt in the backward.
 
@@ -454,7 +459,7 @@ class _GroupedPEDConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups):
-        kernels = weight.unsqueeze(0) * modulation(gate_out, gate_in, gate_tap).view(x.shape[0], *weight.shape)
+        kernels = _per_sample_kernels(weight, modulation(gate_out, gate_in, gate_tap))
         ctx.save_for_backward(x, weight, gate_out, gate_in, gate_tap)
         ctx.conv = (stride, padding, dilation, groups)
         return _grouped_conv(x, kernels, stride, padding, dilation, groups)
@@ -466,7 +471,7 @@ class _GroupedPEDConv(torch.autograd.Function):
         batch, in_channels, height, width = x.shape
         out_channels, in_per_group = weight.shape[:2]
         mod = modulation(gate_out, gate_in, gate_tap).view(batch, *weight.shape)
-        kernels = weight.unsqueeze(0) * mod
+        kernels = _per_sample_kernels(weight, mod.clone())
         need_gates = any(ctx.needs_input_grad[2:5])
         grad_x, grad_kernels, _ = torch.ops.aten.convolution_backward(
             grad_out.contiguous().view(1, -1, *grad_out.shape[-2:]),
@@ -479,19 +484,20 @@ class _GroupedPEDConv(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.view(x.shape)
         if grad_kernels is not None:
+            # B-times-the-weight tensors are reused in place (fresh large buffers cost page faults on the CPU).
             grad_kernels = grad_kernels.view(batch, *weight.shape)
-            if ctx.needs_input_grad[1]:
-                grad_weight = (grad_kernels * mod).sum(0)
             if need_gates:
-                # d/dA_b, then the three CP factors' gradients as batched matrix products over its dense rows
-                # (einsum would first copy it into each contraction's layout).
-                grad_mod = (grad_kernels * weight.unsqueeze(0)).view(batch, out_channels * in_per_group, -1)
+                # d/dA_b (in the kernels' buffer), then the three CP factors' gradients as batched matrix products
+                # over its dense rows (einsum would first copy it into each contraction's layout).
+                grad_mod = torch.mul(grad_kernels, weight, out=kernels).view(batch, out_channels * in_per_group, -1)
                 rank = gate_out.shape[1]
                 out_in = (gate_out.unsqueeze(3) * gate_in.unsqueeze(2)).view(batch, rank, -1)
                 grad_gate_tap = torch.bmm(out_in, grad_mod)
                 by_channel = torch.bmm(grad_mod, gate_tap.transpose(1, 2)).view(batch, out_channels, in_per_group, rank)
                 grad_gate_out = torch.einsum("boir,bri->bro", by_channel, gate_in)
                 grad_gate_in = torch.einsum("boir,bro->bri", by_channel, gate_out)
+            if ctx.needs_input_grad[1]:
+                grad_weight = grad_kernels.mul_(mod).sum(0)
         return grad_x, grad_weight, grad_gate_out, grad_gate_in, grad_gate_tap, None, None, None, None
 
 
