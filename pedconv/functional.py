@@ -21,8 +21,13 @@ Three ways to compute it, all equal up to rounding:
 - ``unfold``: no per-sample kernel at all. The input is unfolded (im2col, in NHWC order), each column scaled by
   a_in[b, i] * a_k[b, p] in the same pass, and multiplied by the *shared* W0 in one GEMM over the whole batch; the
   output is then scaled by a_out. Fastest where the spatial map is small and the channels many (the 14x14 and 7x7
-  stages), where per-sample kernels would be bandwidth-bound. Its backward is written by hand so that the weight
-  gradient is one GEMM too (autograd through a broadcast matmul would build B weight-sized partial gradients).
+  stages), where per-sample kernels would be bandwidth-bound. The batch goes through in chunks of samples
+  (``COLUMN_CHUNK_BYTES`` of columns), so the columns of a chunk are still cached when the GEMM reads them and never
+  exist for the whole batch. Its backward is written by hand so that the weight gradient is one GEMM (accumulated
+  over the chunks) too: autograd through a broadcast matmul would build B weight-sized partial gradients.
+
+On the CPU much of these paths' cost over a static convolution is memory traffic, much of it first touches of fresh
+large buffers (page faults); the Functions below reuse buffers in place where they can.
 
 For a 1x1 layer the tap gate is one scalar per sample and the layer is a static convolution between two channel
 scalings: y = (a_out * a_k) * conv(a_in * x, W0).
@@ -176,16 +181,19 @@ def _column_scale(gate_in: torch.Tensor, gate_tap: torch.Tensor, kernel: IntPair
     return (gate_tap.view(batch, kernel[0], kernel[1], 1) * gate_in.view(batch, 1, 1, -1)).unsqueeze(1).unsqueeze(1)
 
 
-# Bytes of unfolded columns gathered at a time: the unfold path takes the batch in chunks of samples, so the gated
-# columns never exist for the whole batch at once and a chunk is still in the cache when the GEMM reads it. 16 MiB
-# measured best on the 2-core CPU over ResNet-18's 14x14 and 7x7 layers at batch 16 (whole batch: 1.49x static at
-# 14x14; 16 MiB: 1.32x; 4 MiB: 1.39x; 1 MiB: 1.56x, the GEMMs get too small).
+# Bytes of unfolded columns gathered at a time on the CPU: the unfold path takes the batch in chunks of samples, so
+# the gated columns never exist for the whole batch at once and a chunk is still in the cache when the GEMM reads
+# it. 16 MiB measured best on the 2-core CPU over ResNet-18's 14x14 and 7x7 layers at batch 16 (whole batch: 1.49x
+# static at 14x14; 16 MiB: 1.32x; 4 MiB: 1.39x; 1 MiB: 1.56x, the GEMMs get too small).
 COLUMN_CHUNK_BYTES = 16 << 20
+# On other devices (CUDA) GEMMs of a few MiB would be launch-bound: one chunk, up to this size (not measured here).
+ACCELERATOR_COLUMN_CHUNK_BYTES = 1 << 30
 
 
-def _sample_chunks(batch: int, bytes_per_sample: int):
-    """(start, stop) ranges of samples whose unfolded columns fit COLUMN_CHUNK_BYTES (at least one sample)."""
-    size = max(1, min(batch, COLUMN_CHUNK_BYTES // max(bytes_per_sample, 1)))
+def _sample_chunks(batch: int, bytes_per_sample: int, device: torch.device):
+    """(start, stop) ranges of samples whose unfolded columns fit the device's chunk size (at least one sample)."""
+    budget = COLUMN_CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_COLUMN_CHUNK_BYTES
+    size = max(1, min(batch, budget // max(bytes_per_sample, 1)))
     return [(start, min(start + size, batch)) for start in range(0, batch, size)]
 
 
@@ -208,7 +216,7 @@ class _UnfoldPEDConv(torch.autograd.Function):
         weight_rows = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
         rows = out_size[0] * out_size[1]
         raw = x.new_empty((batch * rows, out_channels))  # NHWC rows of the ungated output
-        chunks = _sample_chunks(batch, rows * weight_rows.shape[1] * x.element_size())
+        chunks = _sample_chunks(batch, rows * weight_rows.shape[1] * x.element_size(), x.device)
         buffer = x.new_empty((chunks[0][1],) + windows.shape[1:])
         for start, stop in chunks:
             columns = torch.mul(windows[start:stop], scale[start:stop], out=buffer[: stop - start])
@@ -241,7 +249,7 @@ class _UnfoldPEDConv(torch.autograd.Function):
         need_weight = ctx.needs_input_grad[1]
         need_x, need_in, need_tap = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         need_columns_grad = need_x or need_in or need_tap
-        chunks = _sample_chunks(batch, rows * weight_rows.shape[1] * x.element_size())
+        chunks = _sample_chunks(batch, rows * weight_rows.shape[1] * x.element_size(), x.device)
         buffer = x.new_empty((chunks[0][1],) + windows.shape[1:])
         grad_weight_rows = weight_rows.new_zeros(weight_rows.shape) if need_weight else None
         grad_padded = x.new_zeros(_padded_shape(x_shape, padding)) if need_x else None
@@ -471,7 +479,7 @@ class _GroupedPEDConv(torch.autograd.Function):
         batch, in_channels, height, width = x.shape
         out_channels, in_per_group = weight.shape[:2]
         mod = modulation(gate_out, gate_in, gate_tap).view(batch, *weight.shape)
-        kernels = _per_sample_kernels(weight, mod.clone())
+        kernels = torch.mul(mod, weight, out=torch.empty_like(mod))  # W0 * A_b, mod kept for grad_weight
         need_gates = any(ctx.needs_input_grad[2:5])
         grad_x, grad_kernels, _ = torch.ops.aten.convolution_backward(
             grad_out.contiguous().view(1, -1, *grad_out.shape[-2:]),
