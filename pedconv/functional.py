@@ -251,7 +251,7 @@ class _UnfoldPEDConv(torch.autograd.Function):
         need_columns_grad = need_x or need_in or need_tap
         chunks = _sample_chunks(batch, rows * weight_rows.shape[1] * x.element_size(), x.device)
         buffer = x.new_empty((chunks[0][1],) + windows.shape[1:])
-        grad_weight_rows = weight_rows.new_zeros(weight_rows.shape) if need_weight else None
+        grad_weight_rows = None  # summed over the chunks in float32 at least (bfloat16 autocast)
         grad_padded = x.new_zeros(_padded_shape(x_shape, padding)) if need_x else None
         grad_scale = x.new_empty((batch, kh, kw, in_channels)) if need_in or need_tap else None
         for start, stop in chunks:
@@ -259,7 +259,11 @@ class _UnfoldPEDConv(torch.autograd.Function):
             chunk_buffer = buffer[: stop - start]
             if need_weight:
                 columns = torch.mul(windows[start:stop], scale[start:stop], out=chunk_buffer)
-                grad_weight_rows.addmm_(grad_rows.t(), columns.view(grad_rows.shape[0], -1))
+                partial = torch.mm(grad_rows.t(), columns.view(grad_rows.shape[0], -1))
+                if grad_weight_rows is None:
+                    grad_weight_rows = partial.to(torch.promote_types(partial.dtype, torch.float32))
+                else:
+                    grad_weight_rows.add_(partial)
             if need_columns_grad:
                 # Gradient w.r.t. the gated columns, in the same buffer (the columns are done with).
                 grad_columns = torch.mm(grad_rows, weight_rows, out=chunk_buffer.view(grad_rows.shape[0], -1))
@@ -271,7 +275,7 @@ class _UnfoldPEDConv(torch.autograd.Function):
                     # In place: the column gradient is not needed after the col2im above.
                     torch.sum(grad_columns.mul_(windows[start:stop]), (1, 2), out=grad_scale[start:stop])
         if need_weight:
-            grad_weight = grad_weight_rows.view(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
+            grad_weight = grad_weight_rows.to(weight.dtype).view(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
             grad_weight = grad_weight.contiguous(memory_format=_memory_format_of(weight))
         if need_x:
             height, width = x_shape[-2:]
