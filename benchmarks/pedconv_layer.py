@@ -1,9 +1,10 @@
 """Per-layer cost of PEDConv against a static convolution, for every dynamic conv shape of ResNet-18/50.
 
-For each distinct shape that the release makes dynamic (224x224 input), times forward + backward (median of
-``--iters`` runs after a warm-up) of ``nn.Conv2d``, of ``PEDConv2d`` on its fast path (``auto``) and on the
-``reference`` path (the release's per-sample kernels), and measures the peak memory of one forward + backward.
-Totals weight each shape by how often it occurs in the network. Ratios are within one run, on one machine:
+For each distinct shape that the release makes dynamic (224x224 input), times forward + backward of ``nn.Conv2d``,
+of ``PEDConv2d`` on its fast path (``auto``) and on the ``reference`` path (the release's per-sample kernels), in
+``--iters`` turns after a warm-up (each turn times every variant once), and measures the peak memory of one forward
++ backward. A shape's ratio is the median of its per-turn ratios; the totals weight each shape by how often it
+occurs in the network (RATIO lines: static medians times the shapes' ratios). All within one run, on one machine:
 
     python benchmarks/pedconv_layer.py --batch-size 16                    # ResNet-18 and ResNet-50 shapes
     python benchmarks/pedconv_layer.py --arch resnet50 --methods grouped unfold taps   # every path, per shape
@@ -79,8 +80,9 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def median_times(steps: dict, device, iters: int, warmup: int = 2) -> dict:
-    """Median seconds per step of each entry; the steps take turns, so that load from elsewhere hits all alike."""
+def step_times(steps: dict, device, iters: int, warmup: int = 2) -> dict:
+    """Seconds of each of ``iters`` steps of each entry; the steps take turns, so that load from elsewhere hits all
+    alike and the i-th times of two entries are measured seconds apart."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -92,7 +94,21 @@ def median_times(steps: dict, device, iters: int, warmup: int = 2) -> dict:
             step()
             synchronize(device)
             times[kind].append(time.perf_counter() - start)
-    return {kind: statistics.median(values) for kind, values in times.items()}
+    return times
+
+
+def median_times(steps: dict, device, iters: int, warmup: int = 2) -> dict:
+    """Median seconds per step of each entry (see :func:`step_times`)."""
+    return {kind: statistics.median(values) for kind, values in step_times(steps, device, iters, warmup).items()}
+
+
+def paired_ratio(times: dict, kind: str, base: str) -> float:
+    """Median over the turns of kind's time / base's time in the same turn.
+
+    This machine slows down and speeds up in phases of seconds; a ratio of medians mixes phases when one comes or
+    goes during a shape's turns, while each turn's pair is measured within a second.
+    """
+    return statistics.median(value / base_value for value, base_value in zip(times[kind], times[base]))
 
 
 def peak_memory(step, device) -> int:
@@ -121,7 +137,7 @@ def main(argv=None):
     parser.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"],
                         choices=["resnet18", "resnet34", "resnet50", "resnet101"])
     parser.add_argument("-b", "--batch-size", type=int, default=16)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=9)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--channels-last", action="store_true")
@@ -140,11 +156,13 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
     kinds = ["static", "fast"] + list(args.methods) + ([] if args.no_reference else ["reference"])
     shapes = dynamic_conv_shapes(arch)
     print(f"# {arch}, batch {args.batch_size}, {args.dtype}, {device}, threads {torch.get_num_threads()}, "
-          f"{'channels_last' if args.channels_last else 'nchw'}; forward+backward, median of {args.iters}")
+          f"{'channels_last' if args.channels_last else 'nchw'}; forward+backward, {args.iters} turns; times: "
+          "medians; ratios: medians of the per-turn ratios")
     header = "cin cout k s size  n |" + "".join(f" {k:>10}" for k in kinds) + " | fast/static ref/fast |"
     header += "" if args.no_memory else " MiB static  fast   ref | mem fast/static"
     print(header)
     totals = {kind: 0.0 for kind in kinds}
+    scaled = {kind: 0.0 for kind in kinds}  # sum over shapes of count * static median * paired ratio to static
     mem_totals = {kind: 0 for kind in kinds}
     for shape, count in shapes.items():
         steps = {
@@ -152,27 +170,30 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
                             args.channels_last)
             for kind in kinds
         }
-        times = median_times(steps, device, args.iters)
+        step_seconds = step_times(steps, device, args.iters)
+        times = {kind: statistics.median(values) for kind, values in step_seconds.items()}
+        ratios = {kind: paired_ratio(step_seconds, kind, "static") for kind in kinds}
         memory = {} if args.no_memory else {kind: peak_memory(step, device) for kind, step in steps.items()}
         for kind in kinds:
             totals[kind] += count * times[kind]
+            scaled[kind] += count * times["static"] * ratios[kind]
             mem_totals[kind] = max(mem_totals[kind], memory.get(kind, 0))
         cin, cout, k, stride, _, size = shape
         line = f"{cin:>3} {cout:>4} {k} {stride} {size:>4} {count:>2} |"
         line += "".join(f" {times[kind] * 1e3:>8.1f}ms" for kind in kinds)
-        ref = times.get("reference")
-        line += f" | {times['fast'] / times['static']:>11.2f} {ref / times['fast'] if ref else float('nan'):>8.2f} |"
+        ref = ratios.get("reference")
+        line += f" | {ratios['fast']:>11.2f} {ref / ratios['fast'] if ref else float('nan'):>8.2f} |"
         if not args.no_memory:
             mib = {kind: memory[kind] / 2**20 for kind in kinds}
             line += f" {mib['static']:>10.1f} {mib['fast']:>5.1f} {mib.get('reference', float('nan')):>5.1f} |"
             line += f" {memory['fast'] / memory['static']:>15.2f}"
         print(line, flush=True)
-    print("total (weighted by occurrences):" + "".join(f" {kind}={totals[kind]:.3f}s" for kind in kinds))
-    print(f"RATIO {arch} fast/static = {totals['fast'] / totals['static']:.3f}")
-    if "reference" in totals:
-        print(f"RATIO {arch} reference/fast = {totals['reference'] / totals['fast']:.3f}")
+    print("total of medians (weighted by occurrences):" + "".join(f" {kind}={totals[kind]:.3f}s" for kind in kinds))
+    print(f"RATIO {arch} fast/static = {scaled['fast'] / scaled['static']:.3f}")
+    if "reference" in scaled:
+        print(f"RATIO {arch} reference/fast = {scaled['reference'] / scaled['fast']:.3f}")
     for kind in args.methods:
-        print(f"RATIO {arch} {kind}/static = {totals[kind] / totals['static']:.3f}")
+        print(f"RATIO {arch} {kind}/static = {scaled[kind] / scaled['static']:.3f}")
     if not args.no_memory:
         print("largest per-layer peak memory: "
               + " ".join(f"{kind}={mem_totals[kind] / 2**20:.1f}MiB" for kind in kinds))
