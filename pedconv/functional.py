@@ -190,15 +190,11 @@ COLUMN_CHUNK_BYTES = 16 << 20
 ACCELERATOR_COLUMN_CHUNK_BYTES = 1 << 30
 
 
-def _sample_chunks(batch: int, bytes_per_sample: int, budget: int):
-    """(start, stop) ranges of samples that fit ``budget`` bytes (at least one sample per chunk)."""
+def _sample_chunks(batch: int, bytes_per_sample: int, device: torch.device):
+    """(start, stop) ranges of samples whose unfolded columns fit the device's chunk size (at least one sample)."""
+    budget = COLUMN_CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_COLUMN_CHUNK_BYTES
     size = max(1, min(batch, budget // max(bytes_per_sample, 1)))
     return [(start, min(start + size, batch)) for start in range(0, batch, size)]
-
-
-def _column_chunks(batch: int, bytes_per_sample: int, device: torch.device):
-    budget = COLUMN_CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_COLUMN_CHUNK_BYTES
-    return _sample_chunks(batch, bytes_per_sample, budget)
 
 
 class _UnfoldPEDConv(torch.autograd.Function):
@@ -220,7 +216,7 @@ class _UnfoldPEDConv(torch.autograd.Function):
         weight_rows = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
         rows = out_size[0] * out_size[1]
         raw = x.new_empty((batch * rows, out_channels))  # NHWC rows of the ungated output
-        chunks = _column_chunks(batch, rows * weight_rows.shape[1] * x.element_size(), x.device)
+        chunks = _sample_chunks(batch, rows * weight_rows.shape[1] * x.element_size(), x.device)
         buffer = x.new_empty((chunks[0][1],) + windows.shape[1:])
         for start, stop in chunks:
             columns = torch.mul(windows[start:stop], scale[start:stop], out=buffer[: stop - start])
@@ -253,7 +249,7 @@ class _UnfoldPEDConv(torch.autograd.Function):
         need_weight = ctx.needs_input_grad[1]
         need_x, need_in, need_tap = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         need_columns_grad = need_x or need_in or need_tap
-        chunks = _column_chunks(batch, rows * weight_rows.shape[1] * x.element_size(), x.device)
+        chunks = _sample_chunks(batch, rows * weight_rows.shape[1] * x.element_size(), x.device)
         buffer = x.new_empty((chunks[0][1],) + windows.shape[1:])
         grad_weight_rows = None  # summed over the chunks in float32 at least (bfloat16 autocast)
         grad_padded = x.new_zeros(_padded_shape(x_shape, padding)) if need_x else None
@@ -464,97 +460,57 @@ def _per_sample_kernels(weight: torch.Tensor, mod: torch.Tensor) -> torch.Tensor
     return mod.view(mod.shape[0], *weight.shape).mul_(weight)
 
 
-# Bytes of input, output and per-sample kernels that the per-sample-kernel path takes at a time on the CPU: in
-# chunks of a few samples the kernels, their gradients and the reductions over them stay in the cache. 6 MiB (about
-# 4 samples of ResNet-18's 56x56 and 28x28 layers) measured best there at batch 16 (grouped convolution forward +
-# backward, 56x56: whole batch 0.95x static, 4 samples 0.86x; 56x56 stride 2: 1.32x, 1.17x; 28x28: equal).
-GROUPED_CHUNK_BYTES = 6 << 20
-
-
 class _GroupedPEDConv(torch.autograd.Function):
-    """Per-sample kernels W0 * A_b in batch-folded grouped convolutions, rebuilt in the backward.
+    """Per-sample kernels W0 * A_b in one batch-folded grouped convolution, rebuilt in the backward.
 
     Autograd through the plain ops would keep the modulation and the kernels (each B times the weight) for the
     backward; this keeps only the input (kept by the layer before anyway), W0 and the gates, and builds the
-    kernels again there (cheap where this path is chosen: small kernels, large maps). On the CPU the batch goes
-    through in chunks of samples (``GROUPED_CHUNK_BYTES``); elsewhere in one grouped convolution. (One
-    convolution per sample measured slower on the CPU.)
+    kernels again there (cheap where this path is chosen: small kernels, large maps). (One convolution per sample
+    instead of the folded one measured no faster on the CPU.)
     """
 
     @staticmethod
     def forward(ctx, x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups):
+        kernels = _per_sample_kernels(weight, modulation(gate_out, gate_in, gate_tap))
         ctx.save_for_backward(x, weight, gate_out, gate_in, gate_tap)
         ctx.conv = (stride, padding, dilation, groups)
-        outs = []
-        for start, stop in _grouped_chunks(x, weight, stride, padding, dilation):
-            mod = modulation(gate_out[start:stop], gate_in[start:stop], gate_tap[start:stop])
-            outs.append(_grouped_conv(x[start:stop], _per_sample_kernels(weight, mod), stride, padding, dilation, groups))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return _grouped_conv(x, kernels, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, gate_out, gate_in, gate_tap = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
-        in_channels, height, width = x.shape[1:]
+        batch, in_channels, height, width = x.shape
         out_channels, in_per_group = weight.shape[:2]
-        grad_out = grad_out.contiguous()
-        need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        mod = modulation(gate_out, gate_in, gate_tap).view(batch, *weight.shape)
+        kernels = torch.mul(mod, weight, out=torch.empty_like(mod))  # W0 * A_b, mod kept for grad_weight
         need_gates = any(ctx.needs_input_grad[2:5])
-        grad_x_parts = []
+        grad_x, grad_kernels, _ = torch.ops.aten.convolution_backward(
+            grad_out.contiguous().view(1, -1, *grad_out.shape[-2:]),
+            x.view(1, batch * in_channels, height, width),
+            kernels.view(-1, *weight.shape[1:]),
+            None, list(stride), list(padding), list(dilation), False, [0, 0], groups * batch,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1] or need_gates, False],
+        )
         grad_weight = grad_gate_out = grad_gate_in = grad_gate_tap = None
-        if need_gates:
-            grad_gate_out, grad_gate_in = torch.empty_like(gate_out), torch.empty_like(gate_in)
-            grad_gate_tap = torch.empty_like(gate_tap)
-        for start, stop in _grouped_chunks(x, weight, stride, padding, dilation):
-            samples = stop - start
-            chunk_out, chunk_in, chunk_tap = gate_out[start:stop], gate_in[start:stop], gate_tap[start:stop]
-            mod = modulation(chunk_out, chunk_in, chunk_tap).view(samples, *weight.shape)
-            kernels = torch.mul(mod, weight, out=torch.empty_like(mod))  # W0 * A_b, mod kept for grad_weight
-            chunk_grad_x, grad_kernels, _ = torch.ops.aten.convolution_backward(
-                grad_out[start:stop].view(1, -1, *grad_out.shape[-2:]),
-                x[start:stop].view(1, samples * in_channels, height, width),
-                kernels.view(-1, *weight.shape[1:]),
-                None, list(stride), list(padding), list(dilation), False, [0, 0], groups * samples,
-                [need_x, need_weight or need_gates, False],
-            )
-            if need_x:
-                grad_x_parts.append(chunk_grad_x.view(samples, in_channels, height, width))
-            if grad_kernels is None:
-                continue
-            # Chunk-sized tensors reused in place (fresh large buffers cost page faults on the CPU).
-            grad_kernels = grad_kernels.view(samples, *weight.shape)
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape)
+        if grad_kernels is not None:
+            # B-times-the-weight tensors are reused in place (fresh large buffers cost page faults on the CPU).
+            grad_kernels = grad_kernels.view(batch, *weight.shape)
             if need_gates:
                 # d/dA_b (in the kernels' buffer), then the three CP factors' gradients as batched matrix products
                 # over its dense rows (einsum would first copy it into each contraction's layout).
-                grad_mod = torch.mul(grad_kernels, weight, out=kernels).view(samples, out_channels * in_per_group, -1)
+                grad_mod = torch.mul(grad_kernels, weight, out=kernels).view(batch, out_channels * in_per_group, -1)
                 rank = gate_out.shape[1]
-                out_in = (chunk_out.unsqueeze(3) * chunk_in.unsqueeze(2)).view(samples, rank, -1)
-                torch.bmm(out_in, grad_mod, out=grad_gate_tap[start:stop])
-                by_channel = torch.bmm(grad_mod, chunk_tap.transpose(1, 2))
-                by_channel = by_channel.view(samples, out_channels, in_per_group, rank)
-                grad_gate_out[start:stop] = torch.einsum("boir,bri->bro", by_channel, chunk_in)
-                grad_gate_in[start:stop] = torch.einsum("boir,bro->bri", by_channel, chunk_out)
-            if need_weight:
-                partial = grad_kernels.mul_(mod).sum(0)
-                if grad_weight is None:  # summed over the chunks in float32 at least (bfloat16 autocast)
-                    grad_weight = partial.to(torch.promote_types(partial.dtype, torch.float32))
-                else:
-                    grad_weight.add_(partial)
-        grad_x = None
-        if need_x:
-            grad_x = grad_x_parts[0] if len(grad_x_parts) == 1 else torch.cat(grad_x_parts)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+                out_in = (gate_out.unsqueeze(3) * gate_in.unsqueeze(2)).view(batch, rank, -1)
+                grad_gate_tap = torch.bmm(out_in, grad_mod)
+                by_channel = torch.bmm(grad_mod, gate_tap.transpose(1, 2)).view(batch, out_channels, in_per_group, rank)
+                grad_gate_out = torch.einsum("boir,bri->bro", by_channel, gate_in)
+                grad_gate_in = torch.einsum("boir,bro->bri", by_channel, gate_out)
+            if ctx.needs_input_grad[1]:
+                grad_weight = grad_kernels.mul_(mod).sum(0)
         return grad_x, grad_weight, grad_gate_out, grad_gate_in, grad_gate_tap, None, None, None, None
-
-
-def _grouped_chunks(x, weight, stride, padding, dilation):
-    """Chunks of samples for :class:`_GroupedPEDConv`: GROUPED_CHUNK_BYTES on the CPU, the whole batch elsewhere."""
-    if x.device.type != "cpu":
-        return [(0, x.shape[0])]
-    out_h, out_w = conv_output_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding, dilation)
-    per_sample = x[0].numel() + weight.shape[0] * out_h * out_w + weight.numel()
-    return _sample_chunks(x.shape[0], per_sample * x.element_size(), GROUPED_CHUNK_BYTES)
 
 
 class _ScaledConv(torch.autograd.Function):

@@ -90,32 +90,21 @@ def test_fast_paths_equal_reference_forward_and_gradients(name, method):
         assert_close(grads_fast[key], grads_ref[key], f"gradient of {key}")
 
 
-def bytes_per_sample(cfg, method):
-    """What one sample costs against the chunk budget of the path (see pedconv.functional)."""
-    cin, cout, k, s, p, d, g, size = cfg[:8]
-    kernel = pedconv.functional._pair(k)
-    out_h, out_w = pedconv.functional.conv_output_size(
-        (size, size), kernel, pedconv.functional._pair(s), pedconv.functional._pair(p), pedconv.functional._pair(d))
-    if method == "unfold":  # the unfolded columns
-        return out_h * out_w * kernel[0] * kernel[1] * cin * 4
-    return (cin * size * size + cout * out_h * out_w + cout * cin // g * kernel[0] * kernel[1]) * 4
-
-
-@pytest.mark.parametrize("method, name", [
-    *[("unfold", name) for name in ["3x3", "stride2", "dilation", "padding0", "rank3", "channels-last", "5x3"]],
-    *[("grouped", name) for name in ["3x3", "stride2", "groups", "depthwise", "rank3", "channels-last", "batch1"]],
-])
-def test_paths_in_chunks_of_samples_equal_reference(method, name, monkeypatch):
-    """On the CPU the unfold and per-sample-kernel paths take the batch in chunks of samples
-    (pedconv.functional.COLUMN_CHUNK_BYTES, GROUPED_CHUNK_BYTES): one sample per chunk and two (a short last chunk)
-    give the reference's output and gradients."""
+@pytest.mark.parametrize("name", ["3x3", "stride2", "dilation", "padding0", "rank3", "channels-last", "5x3"])
+def test_unfold_path_in_chunks_of_samples_equals_reference(name, monkeypatch):
+    """On the CPU the unfold path takes the batch in chunks of samples (pedconv.functional.COLUMN_CHUNK_BYTES of
+    unfolded columns): one sample per chunk and two (a short last chunk) give the reference's output and gradients."""
     cfg = CONFIGS[name]
     x = make_input(cfg)
     out_ref, grads_ref = forward_backward(make_layer(cfg, "reference").train(), x)
-    budget = {"unfold": "COLUMN_CHUNK_BYTES", "grouped": "GROUPED_CHUNK_BYTES"}[method]
+    cin, _, k, s, p, d, _, size = cfg[:8]
+    kernel = pedconv.functional._pair(k)
+    out_h, out_w = pedconv.functional.conv_output_size(
+        (size, size), kernel, pedconv.functional._pair(s), pedconv.functional._pair(p), pedconv.functional._pair(d))
+    bytes_per_sample = out_h * out_w * kernel[0] * kernel[1] * cin * 4
     for samples in (1, 2):
-        monkeypatch.setattr(pedconv.functional, budget, samples * bytes_per_sample(cfg, method))
-        out_fast, grads_fast = forward_backward(make_layer(cfg, method).train(), x)
+        monkeypatch.setattr(pedconv.functional, "COLUMN_CHUNK_BYTES", samples * bytes_per_sample)
+        out_fast, grads_fast = forward_backward(make_layer(cfg, "unfold").train(), x)
         assert_close(out_fast, out_ref, f"output, {samples} sample(s) per chunk")
         for key in grads_ref:
             assert_close(grads_fast[key], grads_ref[key], f"gradient of {key}, {samples} sample(s) per chunk")
