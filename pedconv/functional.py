@@ -150,13 +150,23 @@ def pedconv2d_reference(
 
 def _padded_nhwc(x: torch.Tensor, padding: IntPair) -> torch.Tensor:
     """The zero-padded input as a contiguous (B, H + 2ph, W + 2pw, C) tensor: one pass, then windows read densely."""
-    batch, channels, height, width = x.shape
     nhwc = x.permute(0, 2, 3, 1)
     if padding == (0, 0):
         return nhwc.contiguous()
-    padded = x.new_zeros(batch, height + 2 * padding[0], width + 2 * padding[1], channels)
-    padded[:, padding[0] : padding[0] + height, padding[1] : padding[1] + width].copy_(nhwc)
+    padded = x.new_zeros(_padded_shape(x.shape, padding))
+    _interior(padded, padding, x.shape[-2:]).copy_(nhwc)
     return padded
+
+
+def _padded_shape(x_shape, padding: IntPair):
+    """(B, H + 2ph, W + 2pw, C): the NHWC padded input's shape."""
+    batch, channels, height, width = x_shape
+    return (batch, height + 2 * padding[0], width + 2 * padding[1], channels)
+
+
+def _interior(padded: torch.Tensor, padding: IntPair, size: IntPair) -> torch.Tensor:
+    """The (B, H, W, C) view of a padded NHWC tensor without its border."""
+    return padded[:, padding[0] : padding[0] + size[0], padding[1] : padding[1] + size[1]]
 
 
 def _windows(padded: torch.Tensor, kernel: IntPair, stride: IntPair, dilation: IntPair, out_size: IntPair):
@@ -197,6 +207,24 @@ def _sample_chunks(batch: int, bytes_per_sample: int, device: torch.device):
     return [(start, min(start + size, batch)) for start in range(0, batch, size)]
 
 
+def _unfold_setup(x, weight, gate_in, gate_tap, stride, padding, dilation, out_size):
+    """What the unfold path's forward and backward both start from: the windows over the padded NHWC input, the
+    columns' gate scale, the weight as (Cout, kh*kw*Cin) rows, the chunks of samples and one chunk's buffer."""
+    kernel = tuple(weight.shape[-2:])
+    windows = _windows(_padded_nhwc(x, padding), kernel, stride, dilation, out_size)
+    scale = _column_scale(gate_in, gate_tap, kernel)
+    weight_rows = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    bytes_per_sample = out_size[0] * out_size[1] * weight_rows.shape[1] * x.element_size()
+    chunks = _sample_chunks(x.shape[0], bytes_per_sample, x.device)
+    buffer = x.new_empty((chunks[0][1],) + windows.shape[1:])
+    return windows, scale, weight_rows, chunks, buffer
+
+
+def _gated_columns(windows, scale, start, stop, buffer):
+    """The gated im2col columns of samples start..stop, (n, Ho, Wo, kh, kw, Cin), written into ``buffer``."""
+    return torch.mul(windows[start:stop], scale[start:stop], out=buffer[: stop - start])
+
+
 class _UnfoldPEDConv(torch.autograd.Function):
     """Rank-1, groups=1 PEDConv via gated im2col and one shared-weight GEMM (forward and backward).
 
@@ -211,15 +239,12 @@ class _UnfoldPEDConv(torch.autograd.Function):
         out_channels, in_channels, kh, kw = weight.shape
         kernel = (kh, kw)
         out_size = conv_output_size(tuple(x.shape[-2:]), kernel, stride, padding, dilation)
-        windows = _windows(_padded_nhwc(x, padding), kernel, stride, dilation, out_size)
-        scale = _column_scale(gate_in, gate_tap, kernel)
-        weight_rows = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
+        windows, scale, weight_rows, chunks, buffer = _unfold_setup(
+            x, weight, gate_in, gate_tap, stride, padding, dilation, out_size)
         rows = out_size[0] * out_size[1]
         raw = x.new_empty((batch * rows, out_channels))  # NHWC rows of the ungated output
-        chunks = _sample_chunks(batch, rows * weight_rows.shape[1] * x.element_size(), x.device)
-        buffer = x.new_empty((chunks[0][1],) + windows.shape[1:])
         for start, stop in chunks:
-            columns = torch.mul(windows[start:stop], scale[start:stop], out=buffer[: stop - start])
+            columns = _gated_columns(windows, scale, start, stop, buffer)
             torch.mm(columns.view(-1, weight_rows.shape[1]), weight_rows.t(), out=raw[start * rows : stop * rows])
         raw_nchw = raw.view(batch, out_size[0], out_size[1], out_channels).permute(0, 3, 1, 2)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -233,8 +258,8 @@ class _UnfoldPEDConv(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, gate_out, gate_in, gate_tap, raw = ctx.saved_tensors
         kernel, stride, padding, dilation, out_size, x_shape, x_format = ctx.conv
-        windows = _windows(_padded_nhwc(x, padding), kernel, stride, dilation, out_size)
-        scale = _column_scale(gate_in, gate_tap, kernel)
+        windows, scale, weight_rows, chunks, buffer = _unfold_setup(
+            x, weight, gate_in, gate_tap, stride, padding, dilation, out_size)
         batch = x_shape[0]
         out_channels, in_channels, kh, kw = weight.shape
         rows = out_size[0] * out_size[1]
@@ -245,12 +270,9 @@ class _UnfoldPEDConv(torch.autograd.Function):
             grad_gate_out = (grad_out_rows * raw.view(batch, rows, out_channels)).sum(1)
         raw_grad_rows = (grad_out_rows * gate_out.view(batch, 1, out_channels)).reshape(-1, out_channels)
         del grad_out_rows
-        weight_rows = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)
         need_weight = ctx.needs_input_grad[1]
         need_x, need_in, need_tap = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         need_columns_grad = need_x or need_in or need_tap
-        chunks = _sample_chunks(batch, rows * weight_rows.shape[1] * x.element_size(), x.device)
-        buffer = x.new_empty((chunks[0][1],) + windows.shape[1:])
         grad_weight_rows = None  # summed over the chunks in float32 at least (bfloat16 autocast)
         grad_padded = x.new_zeros(_padded_shape(x_shape, padding)) if need_x else None
         grad_scale = x.new_empty((batch, kh, kw, in_channels)) if need_in or need_tap else None
@@ -258,7 +280,7 @@ class _UnfoldPEDConv(torch.autograd.Function):
             grad_rows = raw_grad_rows[start * rows : stop * rows]
             chunk_buffer = buffer[: stop - start]
             if need_weight:
-                columns = torch.mul(windows[start:stop], scale[start:stop], out=chunk_buffer)
+                columns = _gated_columns(windows, scale, start, stop, buffer)
                 partial = torch.mm(grad_rows.t(), columns.view(grad_rows.shape[0], -1))
                 if grad_weight_rows is None:
                     grad_weight_rows = partial.to(torch.promote_types(partial.dtype, torch.float32))
@@ -278,8 +300,7 @@ class _UnfoldPEDConv(torch.autograd.Function):
             grad_weight = grad_weight_rows.to(weight.dtype).view(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
             grad_weight = grad_weight.contiguous(memory_format=_memory_format_of(weight))
         if need_x:
-            height, width = x_shape[-2:]
-            interior = grad_padded[:, padding[0] : padding[0] + height, padding[1] : padding[1] + width]
+            interior = _interior(grad_padded, padding, x_shape[-2:])
             grad_x = torch.empty(x_shape, dtype=x.dtype, device=x.device, memory_format=x_format)
             torch.mul(interior.permute(0, 3, 1, 2), gate_in.view(batch, -1, 1, 1), out=grad_x)
         if need_in:
@@ -295,25 +316,14 @@ def _memory_format_of(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _padded_shape(x_shape, padding):
-    """(B, H + 2ph, W + 2pw, C): the NHWC padded input's shape."""
-    batch, channels, height, width = x_shape
-    return (batch, height + 2 * padding[0], width + 2 * padding[1], channels)
-
-
 def _col2im_into(grad_padded, grad_columns, kernel, stride, dilation, tap_scale):
     """Add NHWC column gradients (B, Ho, Wo, kh, kw, C), each tap's scaled by ``tap_scale`` (B, kh*kw), onto the
     padded NHWC input gradient (B, Hp, Wp, C): the adjoint of im2col, the scaling fused into the sums."""
-    out_h, out_w = grad_columns.shape[1], grad_columns.shape[2]
+    targets = _windows(grad_padded, kernel, stride, dilation, tuple(grad_columns.shape[1:3]))
     for row in range(kernel[0]):
-        for col in range(kernel[1]):
-            top, left = row * dilation[0], col * dilation[1]
-            target = grad_padded[
-                :,
-                top : top + stride[0] * (out_h - 1) + 1 : stride[0],
-                left : left + stride[1] * (out_w - 1) + 1 : stride[1],
-            ]
-            target.addcmul_(grad_columns[:, :, :, row, col], tap_scale[:, row * kernel[1] + col].view(-1, 1, 1, 1))
+        for col in range(kernel[1]):  # one tap's windows do not overlap: an in-place add through the view is exact
+            tap = tap_scale[:, row * kernel[1] + col].view(-1, 1, 1, 1)
+            targets[:, :, :, row, col].addcmul_(grad_columns[:, :, :, row, col], tap)
 
 
 def _in_one_dtype(*tensors):
