@@ -245,7 +245,7 @@ class _UnfoldPEDConv(torch.autograd.Function):
         raw = x.new_empty((batch * rows, out_channels))  # NHWC rows of the ungated output
         for start, stop in chunks:
             columns = _gated_columns(windows, scale, start, stop, buffer)
-            torch.mm(columns.view(-1, weight_rows.shape[1]), weight_rows.t(), out=raw[start * rows : stop * rows])
+            _rows_times(columns.view(-1, weight_rows.shape[1]), weight_rows, raw[start * rows : stop * rows])
         raw_nchw = raw.view(batch, out_size[0], out_size[1], out_channels).permute(0, 3, 1, 2)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty_like(raw_nchw, memory_format=memory_format)
@@ -275,21 +275,22 @@ class _UnfoldPEDConv(torch.autograd.Function):
         need_columns_grad = need_x or need_in or need_tap
         grad_weight_rows = None  # summed over the chunks in float32 at least (bfloat16 autocast)
         grad_padded = x.new_zeros(_padded_shape(x_shape, padding)) if need_x else None
+        weight_columns = weight_rows.t().contiguous() if need_columns_grad else None  # (kh*kw*Cin, Cout)
         grad_scale = x.new_empty((batch, kh, kw, in_channels)) if need_in or need_tap else None
         for start, stop in chunks:
             grad_rows = raw_grad_rows[start * rows : stop * rows]
             chunk_buffer = buffer[: stop - start]
             if need_weight:
                 columns = _gated_columns(windows, scale, start, stop, buffer)
-                partial = torch.mm(grad_rows.t(), columns.view(grad_rows.shape[0], -1))
+                # As (kh*kw*Cin, Cout): with the columns as the left operand MKL ran the step faster than with
+                # grad_rows^T (ResNet-18's 28x28-stride-2 and 14x14 layers, interleaved with the other changes).
+                partial = torch.mm(columns.view(grad_rows.shape[0], -1).t(), grad_rows)
                 if grad_weight_rows is None:
                     grad_weight_rows = partial.to(torch.promote_types(partial.dtype, torch.float32))
                 else:
                     grad_weight_rows.add_(partial)
             if need_columns_grad:
-                # Gradient w.r.t. the gated columns, in the same buffer (the columns are done with).
-                grad_columns = torch.mm(grad_rows, weight_rows, out=chunk_buffer.view(grad_rows.shape[0], -1))
-                grad_columns = grad_columns.view(chunk_buffer.shape)
+                grad_columns = _rows_times(grad_rows, weight_columns).view(chunk_buffer.shape)  # w.r.t. the columns
                 if need_x:
                     # Tap gates folded into the col2im sums, channel gates applied once on the input-sized result.
                     _col2im_into(grad_padded[start:stop], grad_columns, kernel, stride, dilation, gate_tap[start:stop])
@@ -297,7 +298,8 @@ class _UnfoldPEDConv(torch.autograd.Function):
                     # In place: the column gradient is not needed after the col2im above.
                     torch.sum(grad_columns.mul_(windows[start:stop]), (1, 2), out=grad_scale[start:stop])
         if need_weight:
-            grad_weight = grad_weight_rows.to(weight.dtype).view(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
+            grad_weight = grad_weight_rows.t().to(weight.dtype).view(out_channels, kh, kw, in_channels)
+            grad_weight = grad_weight.permute(0, 3, 1, 2)
             grad_weight = grad_weight.contiguous(memory_format=_memory_format_of(weight))
         if need_x:
             interior = _interior(grad_padded, padding, x_shape[-2:])
@@ -308,6 +310,22 @@ class _UnfoldPEDConv(torch.autograd.Function):
         if need_tap:
             grad_gate_tap = (grad_scale * gate_in.view(batch, 1, 1, -1)).sum(3).view(batch, -1)
         return grad_x, grad_weight, grad_gate_out, grad_gate_in, grad_gate_tap, None, None, None, None
+
+
+def _rows_times(rows: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """rows (n, K) @ weight.T for a contiguous weight (N, K): a contiguous (n, N) product, written into ``out``
+    when given.
+
+    On the CPU as a 1x1 convolution over a channels_last view (n pixels of K channels): oneDNN's convolution runs
+    these tall products up to 25 % faster than MKL's sgemm (ResNet-18's 14x14 and 7x7 unfold shapes, 2 cores);
+    the unfold layers' steps measured 5-10 % faster with it. Elsewhere a plain matmul.
+    """
+    if rows.device.type != "cpu":
+        return torch.mm(rows, weight.t(), out=out)
+    pixels = rows.view(1, 1, rows.shape[0], rows.shape[1]).permute(0, 3, 1, 2)
+    product = F.conv2d(pixels, weight.view(weight.shape[0], weight.shape[1], 1, 1))
+    product = product.permute(0, 2, 3, 1).view(rows.shape[0], weight.shape[0])
+    return product if out is None else out.copy_(product)
 
 
 def _memory_format_of(t: torch.Tensor) -> torch.memory_format:
