@@ -82,13 +82,14 @@ def synchronize(device):
 
 def step_times(steps: dict, device, iters: int, warmup: int = 2) -> dict:
     """Seconds of each of ``iters`` steps of each entry; the steps take turns, so that load from elsewhere hits all
-    alike and the i-th times of two entries are measured seconds apart."""
+    alike and the i-th times of two entries are measured seconds apart. Every other turn runs them in reverse order,
+    so that no entry always follows the same one (and inherits its cache and allocator state)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times = {kind: [] for kind in steps}
-    for _ in range(iters):
-        for kind, step in steps.items():
+    for turn in range(iters):
+        for kind, step in (steps.items() if turn % 2 == 0 else reversed(steps.items())):
             synchronize(device)
             start = time.perf_counter()
             step()
@@ -163,6 +164,7 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
     print(header)
     totals = {kind: 0.0 for kind in kinds}
     scaled = {kind: 0.0 for kind in kinds}  # sum over shapes of count * static median * paired ratio to static
+    best = {kind: 0.0 for kind in kinds}  # sum over shapes of count * fastest turn
     mem_totals = {kind: 0 for kind in kinds}
     for shape, count in shapes.items():
         steps = {
@@ -177,6 +179,7 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
         for kind in kinds:
             totals[kind] += count * times[kind]
             scaled[kind] += count * times["static"] * ratios[kind]
+            best[kind] += count * min(step_seconds[kind])
             mem_totals[kind] = max(mem_totals[kind], memory.get(kind, 0))
         cin, cout, k, stride, _, size = shape
         line = f"{cin:>3} {cout:>4} {k} {stride} {size:>4} {count:>2} |"
@@ -190,6 +193,7 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
         print(line, flush=True)
     print("total of medians (weighted by occurrences):" + "".join(f" {kind}={totals[kind]:.3f}s" for kind in kinds))
     print(f"RATIO {arch} fast/static = {scaled['fast'] / scaled['static']:.3f}")
+    print(f"RATIO {arch} fast/static, fastest turns = {best['fast'] / best['static']:.3f}")
     if "reference" in scaled:
         print(f"RATIO {arch} reference/fast = {scaled['reference'] / scaled['fast']:.3f}")
     for kind in args.methods:

@@ -522,7 +522,9 @@ class _GroupedPEDConv(torch.autograd.Function):
         )
         grad_weight = grad_gate_out = grad_gate_in = grad_gate_tap = None
         if grad_x is not None:
-            grad_x = grad_x.view(x.shape)
+            # Not a view: autograd adds the gate generator's pooling gradient into it in place only if it holds the
+            # sole reference to the storage (a view keeps its base; the add was an input-sized copy per layer).
+            grad_x = torch.ops.aten._unsafe_view(grad_x, x.shape)
         if grad_kernels is not None:
             # B-times-the-weight tensors are reused in place (fresh large buffers cost page faults on the CPU).
             grad_kernels = grad_kernels.view(batch, *weight.shape)
