@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from benchmarks.pedconv_layer import median_times, peak_memory  # noqa: E402
+from image_classification.allocator import add_malloc_argument, configure_malloc  # noqa: E402
 from image_classification.models import ARCHITECTURES, build_model, set_pedconv_method  # noqa: E402
 from pedconv import PEDConv2d, info_max_loss  # noqa: E402
 
@@ -140,8 +141,10 @@ def main(argv=None):
     parser.add_argument("--profile-rows", type=int, default=15)
     parser.add_argument("--saved", action="store_true",
                         help="print what the convs save for the backward, static vs fast, by stage and kernel")
+    add_malloc_argument(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    malloc = configure_malloc(args.default_malloc)
 
     kinds = ["static", "fast"] + ([] if args.no_reference else ["reference"])
     # (label, kind, amp, channels_last); on a GPU also AMP with channels_last, as training runs there
@@ -154,7 +157,7 @@ def main(argv=None):
         steps[label] = make_train_step(model, args.batch_size, args.image_size, device, amp, channels_last)
 
     print(f"# {args.arch} x{args.wmul:g}, batch {args.batch_size}, {args.image_size}px, {device}, threads "
-          f"{torch.get_num_threads()}, {'channels_last' if args.channels_last else 'nchw'}; training step "
+          f"{torch.get_num_threads()}, {'channels_last' if args.channels_last else 'nchw'}; malloc {malloc}; training step "
           f"(forward, loss, backward, SGD), median of {args.iters}, variants interleaved")
     times = median_times(steps, device, args.iters, args.warmup)
     memory = {} if args.no_memory else {label: peak_memory(step, device) for label, step in steps.items()}

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from image_classification.allocator import add_malloc_argument, configure_malloc  # noqa: E402
 from pedconv import PEDConv2d  # noqa: E402
 from pedconv.convert import default_predicate  # noqa: E402
 
@@ -146,8 +147,10 @@ def main(argv=None):
                         help="also time these forced paths (to check the auto choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference path")
+    add_malloc_argument(parser)
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    args.malloc = configure_malloc(args.default_malloc)
     torch.manual_seed(0)
     for arch in args.arch:
         benchmark_arch(arch, args, device, dtype)
@@ -157,14 +160,13 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
     kinds = ["static", "fast"] + list(args.methods) + ([] if args.no_reference else ["reference"])
     shapes = dynamic_conv_shapes(arch)
     print(f"# {arch}, batch {args.batch_size}, {args.dtype}, {device}, threads {torch.get_num_threads()}, "
-          f"{'channels_last' if args.channels_last else 'nchw'}; forward+backward, {args.iters} turns; times: "
-          "medians; ratios: medians of the per-turn ratios")
+          f"{'channels_last' if args.channels_last else 'nchw'}; malloc {args.malloc}; forward+backward, "
+          f"{args.iters} turns; times: medians; ratios: medians of the per-turn ratios")
     header = "cin cout k s size  n |" + "".join(f" {k:>10}" for k in kinds) + " | fast/static ref/fast |"
     header += "" if args.no_memory else " MiB static  fast   ref | mem fast/static"
     print(header)
     totals = {kind: 0.0 for kind in kinds}
     scaled = {kind: 0.0 for kind in kinds}  # sum over shapes of count * static median * paired ratio to static
-    best = {kind: 0.0 for kind in kinds}  # sum over shapes of count * fastest turn
     mem_totals = {kind: 0 for kind in kinds}
     for shape, count in shapes.items():
         steps = {
@@ -179,7 +181,6 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
         for kind in kinds:
             totals[kind] += count * times[kind]
             scaled[kind] += count * times["static"] * ratios[kind]
-            best[kind] += count * min(step_seconds[kind])
             mem_totals[kind] = max(mem_totals[kind], memory.get(kind, 0))
         cin, cout, k, stride, _, size = shape
         line = f"{cin:>3} {cout:>4} {k} {stride} {size:>4} {count:>2} |"
@@ -193,7 +194,6 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
         print(line, flush=True)
     print("total of medians (weighted by occurrences):" + "".join(f" {kind}={totals[kind]:.3f}s" for kind in kinds))
     print(f"RATIO {arch} fast/static = {scaled['fast'] / scaled['static']:.3f}")
-    print(f"RATIO {arch} fast/static, fastest turns = {best['fast'] / best['static']:.3f}")
     if "reference" in scaled:
         print(f"RATIO {arch} reference/fast = {scaled['reference'] / scaled['fast']:.3f}")
     for kind in args.methods:

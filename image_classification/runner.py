@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoints, distributed
+from .allocator import configure_malloc
 from .dllog import Report
 from .ema import EMA
 from .losses import Mixup, SoftTargetCrossEntropy
@@ -154,6 +155,8 @@ def _run(args, context: distributed.Context) -> int:
         args.data = prepare_digits()
         logger.info("demo: PEDConv ResNet-18 (wmul %.2f) on scikit-learn's digits at %s", args.wmul, args.data)
     accumulation = _check_args(args, context)
+    if context.device.type == "cpu":
+        logger.info("malloc: %s", configure_malloc())
     _seed(args.seed, context.rank, args.deterministic)
     os.makedirs(args.workspace, exist_ok=True)
     memory_format = torch.channels_last if args.memory_format == "nhwc" else torch.contiguous_format
