@@ -245,7 +245,7 @@ class _UnfoldPEDConv(torch.autograd.Function):
         raw = x.new_empty((batch * rows, out_channels))  # NHWC rows of the ungated output
         for start, stop in chunks:
             columns = _gated_columns(windows, scale, start, stop, buffer)
-            _rows_times(columns.view(-1, weight_rows.shape[1]), weight_rows, raw[start * rows : stop * rows])
+            _rows_times_weight_t(columns.view(-1, weight_rows.shape[1]), weight_rows, raw[start * rows : stop * rows])
         raw_nchw = raw.view(batch, out_size[0], out_size[1], out_channels).permute(0, 3, 1, 2)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty_like(raw_nchw, memory_format=memory_format)
@@ -275,22 +275,25 @@ class _UnfoldPEDConv(torch.autograd.Function):
         need_columns_grad = need_x or need_in or need_tap
         grad_weight_rows = None  # summed over the chunks in float32 at least (bfloat16 autocast)
         grad_padded = x.new_zeros(_padded_shape(x_shape, padding)) if need_x else None
-        weight_columns = weight_rows.t().contiguous() if need_columns_grad else None  # (kh*kw*Cin, Cout)
         grad_scale = x.new_empty((batch, kh, kw, in_channels)) if need_in or need_tap else None
         for start, stop in chunks:
             grad_rows = raw_grad_rows[start * rows : stop * rows]
-            chunk_buffer = buffer[: stop - start]
             if need_weight:
                 columns = _gated_columns(windows, scale, start, stop, buffer)
                 # As (kh*kw*Cin, Cout): with the columns as the left operand MKL ran the step faster than with
                 # grad_rows^T (ResNet-18's 28x28-stride-2 and 14x14 layers, interleaved with the other changes).
                 partial = torch.mm(columns.view(grad_rows.shape[0], -1).t(), grad_rows)
+                del columns
                 if grad_weight_rows is None:
                     grad_weight_rows = partial.to(torch.promote_types(partial.dtype, torch.float32))
                 else:
                     grad_weight_rows.add_(partial)
             if need_columns_grad:
-                grad_columns = _rows_times(grad_rows, weight_columns).view(chunk_buffer.shape)  # w.r.t. the columns
+                # The column gradient is a fresh product: the columns' buffer goes first, and the product serves
+                # as the next chunk's buffer (chunks only shrink), so one chunk-sized block is live at a time.
+                buffer = None
+                grad_columns = _rows_times_weight(grad_rows, weight_rows).view((stop - start,) + windows.shape[1:])
+                buffer = grad_columns
                 if need_x:
                     # Tap gates folded into the col2im sums, channel gates applied once on the input-sized result.
                     _col2im_into(grad_padded[start:stop], grad_columns, kernel, stride, dilation, gate_tap[start:stop])
@@ -312,9 +315,8 @@ class _UnfoldPEDConv(torch.autograd.Function):
         return grad_x, grad_weight, grad_gate_out, grad_gate_in, grad_gate_tap, None, None, None, None
 
 
-def _rows_times(rows: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """rows (n, K) @ weight.T for a contiguous weight (N, K): a contiguous (n, N) product, written into ``out``
-    when given.
+def _rows_times_weight_t(rows: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor] = None):
+    """rows (n, K) @ weight.T for a weight (N, K): a contiguous (n, N) product, written into ``out`` when given.
 
     On the CPU as a 1x1 convolution over a channels_last view (n pixels of K channels): oneDNN's convolution runs
     these tall products up to 25 % faster than MKL's sgemm (ResNet-18's 14x14 and 7x7 unfold shapes, 2 cores);
@@ -322,10 +324,26 @@ def _rows_times(rows: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Te
     """
     if rows.device.type != "cpu":
         return torch.mm(rows, weight.t(), out=out)
-    pixels = rows.view(1, 1, rows.shape[0], rows.shape[1]).permute(0, 3, 1, 2)
-    product = F.conv2d(pixels, weight.view(weight.shape[0], weight.shape[1], 1, 1))
-    product = product.permute(0, 2, 3, 1).view(rows.shape[0], weight.shape[0])
+    product = _rows_of(F.conv2d(_pixels_of(rows), weight.view(weight.shape[0], weight.shape[1], 1, 1)))
     return product if out is None else out.copy_(product)
+
+
+def _rows_times_weight(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rows (n, N) @ weight for a weight (N, K): a fresh contiguous (n, K) product; on the CPU as a 1x1 transposed
+    convolution (oneDNN, as :func:`_rows_times_weight_t`; it takes the weight as it is, no transposed copy)."""
+    if rows.device.type != "cpu":
+        return torch.mm(rows, weight)
+    return _rows_of(F.conv_transpose2d(_pixels_of(rows), weight.view(weight.shape[0], weight.shape[1], 1, 1)))
+
+
+def _pixels_of(rows: torch.Tensor) -> torch.Tensor:
+    """(n, K) rows as a (1, K, 1, n) channels_last image (a view)."""
+    return rows.view(1, 1, rows.shape[0], rows.shape[1]).permute(0, 3, 1, 2)
+
+
+def _rows_of(pixels: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_pixels_of` for a channels_last (1, K, 1, n) image."""
+    return pixels.permute(0, 2, 3, 1).view(pixels.shape[3], pixels.shape[1])
 
 
 def _memory_format_of(t: torch.Tensor) -> torch.memory_format:
