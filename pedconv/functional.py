@@ -19,15 +19,17 @@ Three ways to compute it, all equal up to rounding:
   kernel: it is materialized anyway for the tap gate, and folding the channel gates too saves two passes over the
   activations (measured faster than scaling the activations, see ``benchmarks/pedconv_layer.py``).
 - ``unfold``: no per-sample kernel at all. The input is unfolded (im2col, in NHWC order), each column scaled by
-  a_in[b, i] * a_k[b, p] in the same pass, and multiplied by the *shared* W0 in one GEMM over the whole batch; the
-  output is then scaled by a_out. Fastest where the spatial map is small and the channels many (the 14x14 and 7x7
+  a_in[b, i] * a_k[b, p] in the same pass, and multiplied by the *shared* W0 by GEMM (on the CPU run by oneDNN as
+  a 1x1 convolution over the columns, faster than MKL's GEMM here); the output is then scaled by a_out. Fastest where the spatial map is small and the channels many (the 14x14 and 7x7
   stages), where per-sample kernels would be bandwidth-bound. The batch goes through in chunks of samples
   (``COLUMN_CHUNK_BYTES`` of columns), so the columns of a chunk are still cached when the GEMM reads them and never
   exist for the whole batch. Its backward is written by hand so that the weight gradient is one GEMM (accumulated
   over the chunks) too: autograd through a broadcast matmul would build B weight-sized partial gradients.
 
-On the CPU much of these paths' cost over a static convolution is memory traffic, much of it first touches of fresh
-large buffers (page faults); the Functions below reuse buffers in place where they can.
+On the CPU much of these paths' cost over a static convolution is memory traffic, some of it first touches of fresh
+large buffers (page faults, when malloc hands freed memory back to the system: the training CLI and the benchmarks
+tell glibc to keep it, see ``image_classification/allocator.py``); the Functions below reuse buffers in place where
+they can.
 
 For a 1x1 layer the tap gate is one scalar per sample and the layer is a static convolution between two channel
 scalings: y = (a_out * a_k) * conv(a_in * x, W0).
