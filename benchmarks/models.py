@@ -157,8 +157,8 @@ def main(argv=None):
         steps[label] = make_train_step(model, args.batch_size, args.image_size, device, amp, channels_last)
 
     print(f"# {args.arch} x{args.wmul:g}, batch {args.batch_size}, {args.image_size}px, {device}, threads "
-          f"{torch.get_num_threads()}, {'channels_last' if args.channels_last else 'nchw'}; malloc {malloc}; training step "
-          f"(forward, loss, backward, SGD), median of {args.iters}, variants interleaved")
+          f"{torch.get_num_threads()}, {'channels_last' if args.channels_last else 'nchw'}; malloc {malloc}; "
+          f"training step (forward, loss, backward, SGD), median of {args.iters}, variants interleaved")
     times = median_times(steps, device, args.iters, args.warmup)
     memory = {} if args.no_memory else {label: peak_memory(step, device) for label, step in steps.items()}
     for label in steps:

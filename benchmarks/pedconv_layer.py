@@ -99,9 +99,14 @@ def step_times(steps: dict, device, iters: int, warmup: int = 2) -> dict:
     return times
 
 
+def medians(times: dict) -> dict:
+    """Each entry's median of the seconds :func:`step_times` measured."""
+    return {kind: statistics.median(values) for kind, values in times.items()}
+
+
 def median_times(steps: dict, device, iters: int, warmup: int = 2) -> dict:
     """Median seconds per step of each entry (see :func:`step_times`)."""
-    return {kind: statistics.median(values) for kind, values in step_times(steps, device, iters, warmup).items()}
+    return medians(step_times(steps, device, iters, warmup))
 
 
 def paired_ratio(times: dict, kind: str, base: str) -> float:
@@ -175,7 +180,7 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
             for kind in kinds
         }
         step_seconds = step_times(steps, device, args.iters)
-        times = {kind: statistics.median(values) for kind, values in step_seconds.items()}
+        times = medians(step_seconds)
         ratios = {kind: paired_ratio(step_seconds, kind, "static") for kind in kinds}
         memory = {} if args.no_memory else {kind: peak_memory(step, device) for kind, step in steps.items()}
         for kind in kinds:

@@ -20,8 +20,9 @@ Three ways to compute it, all equal up to rounding:
   activations (measured faster than scaling the activations, see ``benchmarks/pedconv_layer.py``).
 - ``unfold``: no per-sample kernel at all. The input is unfolded (im2col, in NHWC order), each column scaled by
   a_in[b, i] * a_k[b, p] in the same pass, and multiplied by the *shared* W0 by GEMM (on the CPU run by oneDNN as
-  a 1x1 convolution over the columns, faster than MKL's GEMM here); the output is then scaled by a_out. Fastest where the spatial map is small and the channels many (the 14x14 and 7x7
-  stages), where per-sample kernels would be bandwidth-bound. The batch goes through in chunks of samples
+  a 1x1 convolution over the columns, faster than MKL's GEMM here); the output is then scaled by a_out. Fastest
+  where the spatial map is small and the channels many (the 14x14 and 7x7 stages), where per-sample kernels would
+  be bandwidth-bound. The batch goes through in chunks of samples
   (``COLUMN_CHUNK_BYTES`` of columns), so the columns of a chunk are still cached when the GEMM reads them and never
   exist for the whole batch. Its backward is written by hand so that the weight gradient is one GEMM (accumulated
   over the chunks) too: autograd through a broadcast matmul would build B weight-sized partial gradients.
@@ -317,8 +318,8 @@ class _UnfoldPEDConv(torch.autograd.Function):
         return grad_x, grad_weight, grad_gate_out, grad_gate_in, grad_gate_tap, None, None, None, None
 
 
-def _rows_times_weight_t(rows: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor] = None):
-    """rows (n, K) @ weight.T for a weight (N, K): a contiguous (n, N) product, written into ``out`` when given.
+def _rows_times_weight_t(rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """rows (n, K) @ weight.T for a weight (N, K), written into ``out`` (n, N).
 
     On the CPU as a 1x1 convolution over a channels_last view (n pixels of K channels): oneDNN's convolution runs
     these tall products up to 25 % faster than MKL's sgemm (ResNet-18's 14x14 and 7x7 unfold shapes, 2 cores);
@@ -326,8 +327,7 @@ def _rows_times_weight_t(rows: torch.Tensor, weight: torch.Tensor, out: Optional
     """
     if rows.device.type != "cpu":
         return torch.mm(rows, weight.t(), out=out)
-    product = _rows_of(F.conv2d(_pixels_of(rows), weight.view(weight.shape[0], weight.shape[1], 1, 1)))
-    return product if out is None else out.copy_(product)
+    return out.copy_(_rows_of(F.conv2d(_pixels_of(rows), weight.view(weight.shape[0], weight.shape[1], 1, 1))))
 
 
 def _rows_times_weight(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from image_classification.allocator import user_malloc_settings
+from image_classification.allocator import USER_SETTINGS, user_malloc_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +39,7 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 
 def _faults(default: bool, env=None):
-    environment = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+    environment = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS}
     environment.update(OMP_NUM_THREADS="1", **(env or {}))
     result = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT.format(root=ROOT, default=default)],
                             capture_output=True, text=True, env=environment, timeout=120, check=True)
@@ -63,7 +63,7 @@ def test_user_setting_is_left_alone():
 
 
 def test_user_malloc_settings(monkeypatch):
-    for name in ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_CONF"):
+    for name in USER_SETTINGS:
         monkeypatch.delenv(name, raising=False)
     assert user_malloc_settings() == ""
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libasan.so")  # not an allocator
