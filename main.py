@@ -130,4 +130,9 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from image_classification.distributed import exit_process
+
+        exit_process(status)  # see exit_process: no interpreter shutdown beside the process group's threads
+    sys.exit(status)

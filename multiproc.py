@@ -15,7 +15,9 @@ LOCAL_WORLD_SIZE set, the variables `torchrun` sets too, so a script that calls
   header line.
 * When a child exits non-zero, the others get SIGTERM and, after 5 seconds, SIGKILL (a rank waiting in a
   collective for the failed one cannot finish a step anyway). The launcher exits with that child's status,
-  naming its rank and log and printing the log's last lines.
+  naming its rank and log and printing the log's last lines. A child killed by a signal is reported by the
+  signal's name (SIGABRT, SIGSEGV... as a crash), never as an exit status, and the launcher then exits with
+  128 + the signal number.
 * SIGINT (Ctrl-C), SIGTERM and SIGHUP are passed on to every child (main.py then finishes its step, saves a
   checkpoint and exits); a child still running after ``--grace-period`` seconds (default 30) is killed. A
   second signal kills at once. The launcher exits with 128 + the signal number.
@@ -49,6 +51,7 @@ WORKSPACE_FLAG = "--workspace"
 # argparse accepts unambiguous prefixes; "--work" would also match main.py's "--workers".
 WORKSPACE_MIN_PREFIX = len("--works")
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+CRASH_SIGNALS = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL)
 
 
 class LaunchError(Exception):
@@ -285,7 +288,10 @@ class Launcher:
             child.process.wait()
 
     def report_failure(self, child: Child, status: int) -> None:
-        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        how = f"exited with status {status}"
+        if status < 0:  # a signal, not an exit code: say which, and that a crash is not a clean failure
+            how = f"was killed by signal {-status} ({signal.Signals(-status).name}"
+            how += ": it crashed)" if -status in CRASH_SIGNALS else ")"
         print(f"{PROG}: rank {child.rank} (local rank {child.local_rank}) {how}; see {child.where}. "
               f"Stopping the other {len(self.children) - 1} process(es).", file=sys.stderr, flush=True)
         if child.log_path:

@@ -290,6 +290,12 @@ class DaliLoader:
     def set_epoch(self, epoch: int) -> None:
         """Accepted for the common interface; DALI reshuffles after each epoch by itself."""
 
+    def close(self) -> None:
+        """Release the iterator and the pipeline now, so that DALI's threads stop and its buffers are freed at a
+        known point of the run, not during the interpreter's exit."""
+        self._iterator = None
+        self._pipeline = None
+
     def _convert(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = outputs[0]["images"], outputs[0]["labels"]
         if self._channels_last:

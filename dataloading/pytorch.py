@@ -214,6 +214,7 @@ class PytorchLoader:
         self.device = device
         self._epoch = 0
         self._seed = seed + rank
+        self._pass = None  # the generator of the pass in progress (see close)
         self._normalize = Normalizer(device, memory_format)
         if training:
             transform = train_transform(image_size, interpolation, augmentation, crop_area)
@@ -265,9 +266,18 @@ class PytorchLoader:
         # which checkpoints save and restore.)
         self.loader.generator.manual_seed(self._seed * 100_003 + self._epoch)
         self._epoch += 1
+        self.close()  # a pass left unfinished (e.g. by --prof) lets its workers go before new ones start
         if self.device.type == "cuda":
-            return cuda_prefetch(self._uint8_batches(), self.device, self._normalize)
-        return self._on_cpu()
+            self._pass = cuda_prefetch(self._uint8_batches(), self.device, self._normalize)
+        else:
+            self._pass = self._on_cpu()
+        return self._pass
+
+    def close(self) -> None:
+        """End the current pass, if any: its DataLoader iterator, and with it the worker processes, goes now."""
+        if self._pass is not None:
+            self._pass.close()
+            self._pass = None
 
     def _on_cpu(self):
         for images, labels in self._uint8_batches():

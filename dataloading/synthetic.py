@@ -36,6 +36,9 @@ class SyntheticLoader:
     def set_epoch(self, epoch: int) -> None:
         """Nothing to reshuffle."""
 
+    def close(self) -> None:
+        """Nothing runs in the background."""
+
     def __iter__(self):
         for _ in range(self._num_batches):
             yield self.images, self.labels

@@ -1,6 +1,7 @@
 """Wires a parsed command line into a run: data, model, optimizer, checkpoints, report, then the epochs."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -138,17 +139,24 @@ def _save(args, context, trainer: Trainer, epoch: int, best_top1: Optional[float
 
 
 def run(args) -> int:
+    """Run the command line's job; on every way out (success, error, SIGTERM/SIGINT) the loaders' workers and
+    pipelines are stopped first, then the ranks meet (after a success only: a failed rank would never arrive) and
+    leave the process group."""
     try:
         context = distributed.init_from_environment(args.device)
     except ValueError as error:
         raise UserError(str(error)) from None
+    finished = False
     try:
-        return _run(args, context)
+        with contextlib.ExitStack() as closing:
+            status = _run(args, context, closing)
+        finished = True
+        return status
     finally:
-        distributed.shutdown(context)
+        distributed.shutdown(context, wait_for_all=finished)
 
 
-def _run(args, context: distributed.Context) -> int:
+def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> int:
     if args.demo:
         from .demo import prepare_digits
 
@@ -163,6 +171,7 @@ def _run(args, context: distributed.Context) -> int:
 
     checkpoint = _initial_weights(args)
     loaders = _loaders(args, context, memory_format)
+    closing.callback(loaders.close)
     num_classes = args.num_classes or (len(loaders.classes) if loaders.classes else 1000)
     model = _build_model(args, num_classes, checkpoint)
     summary = summarize(model, args.image_size)  # on the CPU, before the model moves

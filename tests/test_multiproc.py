@@ -29,6 +29,7 @@ TORCH_TIMEOUT = 600
 #   fail R    rank R exits 3 once every rank is ready; the others start a grandchild and sleep
 #   catch     handle SIGINT/SIGTERM by writing got_<rank> and exiting 0; sleep
 #   stubborn  ignore SIGINT/SIGTERM; sleep
+#   abort     rank 1 aborts (SIGABRT) once every rank is ready; the others sleep
 STANDIN = textwrap.dedent("""
     import json, os, signal, subprocess, sys, time
     from pathlib import Path
@@ -59,6 +60,13 @@ STANDIN = textwrap.dedent("""
             sys.exit(3)
         grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
         ready(grandchild=grandchild.pid)
+        time.sleep(300)
+    elif mode == "abort":
+        ready()
+        while len(list(out.glob("pid_*.json"))) < world:
+            time.sleep(0.02)
+        if rank == 1:
+            os.abort()  # as a C++ std::terminate does
         time.sleep(300)
     elif mode in ("catch", "stubborn"):
         def caught(signum, frame):
@@ -232,7 +240,18 @@ def test_a_child_killed_by_a_signal_is_a_failure(standin, tmp_path):
     os.kill(victim, signal.SIGKILL)
     status, _, stderr = finish(process)
     assert status == 128 + signal.SIGKILL
-    assert "rank 1 (local rank 1) was killed by signal 9" in stderr
+    assert "rank 1 (local rank 1) was killed by signal 9 (SIGKILL)" in stderr
+    assert not any(alive(pid) for pid in recorded_pids(out))
+
+
+def test_a_crashed_child_is_reported_by_its_signal_not_as_an_exit_status(standin, tmp_path):
+    script, out = standin
+    process = launch(["--nproc_per_node", 2, "--master_port", free_port(), script, out, "abort",
+                      "--workspace", tmp_path], cwd=tmp_path)
+    status, _, stderr = finish(process)
+    assert status == 128 + signal.SIGABRT
+    assert "rank 1 (local rank 1) was killed by signal 6 (SIGABRT: it crashed)" in stderr
+    assert "exited with status" not in stderr
     assert not any(alive(pid) for pid in recorded_pids(out))
 
 
