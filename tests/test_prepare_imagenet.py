@@ -259,6 +259,8 @@ def test_interrupted_run_resumes_and_duplicates_nothing(tars, tmp_path, monkeypa
     # A file cut short under its final name (a crash before the data reached the disk) is written again.
     damaged = out / sorted(partial)[-1]
     damaged.write_bytes(damaged.read_bytes()[:100])
+    # A temporary file of an image that this run will not write again (a kill in an earlier, other run).
+    (out / "val" / A / ".ILSVRC2012_val_00049999.JPEG.part").write_bytes(b"\xff\xd8\xff")
 
     assert prepare(train_tar, val_tar, out, "--allow-partial") == 0
     assert f"{len(expected) - 11} images written" in capsys.readouterr().out
@@ -313,6 +315,27 @@ def test_killed_process_resumes(tmp_path):
     assert f"{len(expected) - len(partial)} images written" in result.stdout
     assert images_under(out) == expected
     assert not [name for name in tree(out) if name.endswith(".part")]
+
+
+def test_progress_shows_images_gigabytes_and_eta(caplog):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    progress = prepare_imagenet.Progress("train", total_bytes=4_000_000_000, stream=terminal)
+    progress.start -= 100  # 100 s in, a quarter read: 300 s to go
+    progress.show(12_345, 1_000_000_000)
+    line = terminal.getvalue()
+    assert line.startswith("\r") and "\n" not in line
+    assert "train: 12,345 images" in line and "1.0 / 4.0 GB (25 %)" in line and "10 MB/s" in line
+    assert "ETA 5 min" in line
+    # Not a terminal: plain log lines, no carriage returns; a stream of unknown size has no ETA.
+    log = io.StringIO()
+    progress = prepare_imagenet.Progress("val", total_bytes=None, stream=log)
+    with caplog.at_level("INFO", logger=prepare_imagenet.__name__):
+        progress.close(7, 2_500_000_000)
+    assert log.getvalue() == "" and "val: 7 images, 2.5 GB" in caplog.text and "ETA" not in caplog.text
 
 
 # --- bad input ------------------------------------------------------------------------------------------------
