@@ -24,7 +24,8 @@ created, and in both splits (a class without validation images gets no training 
 Idempotent and resumable: each image is written to ``.<name>.part`` and renamed, so a file under its final name is
 complete; a rerun after an interruption skips the images already there (same size as in the tar) and writes the
 rest. A split that passed its checks gets a marker in ``<out>/.prepare_imagenet/``; a rerun leaves such a split
-alone without reading its tar.
+alone without reading its tar (delete ``<out>/.prepare_imagenet/<split>.json`` to have it checked and completed
+again).
 
 Bad input (a missing file, not a tar, a tar of another layout, a validation image without a label, too little
 space, a subset without ``--allow-partial``) stops with one ``error: ...`` line and exit status 2; what was
@@ -534,6 +535,8 @@ def prepare(out: Path, train_tar: Optional[str], val_tar: Optional[str], allow_p
     extracted: Dict[str, Extracted] = {}
     if "val" in todo:  # first: it is small, and with --allow-partial its classes decide the training classes
         extracted["val"] = extract_val(todo["val"], out, labels, keep)
+        if not extracted["val"].names:  # before reading the training tar for nothing
+            raise DataError(f"{todo['val']}: no images of the selected classes")
     if "train" in todo:
         train_keep = keep
         if allow_partial and "val" in extracted:

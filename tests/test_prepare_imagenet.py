@@ -212,6 +212,9 @@ def test_classes_option_selects_a_subset(tars, tmp_path, capsys):
     assert sorted(os.listdir(out / "train")) == sorted(os.listdir(out / "val")) == sorted([B, C])
     assert prepare(train_tar, val_tar, tmp_path / "other", "--classes", f"{A},{C}") == 0
     assert sorted(os.listdir(tmp_path / "other" / "val")) == sorted([A, C])
+    capsys.readouterr()
+    assert prepare(train_tar, val_tar, tmp_path / "none", "--classes", D) == 2
+    assert capsys.readouterr().err.strip() == f"error: {val_tar}: no images of the selected classes"
 
 
 # --- reruns and interruptions ---------------------------------------------------------------------------------
