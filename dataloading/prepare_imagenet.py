@@ -33,7 +33,6 @@ extracted until then stays, for the rerun.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import logging
@@ -420,7 +419,9 @@ def check_split(out: Path, extracted: Extracted, allow_partial: bool) -> SplitCh
     split = extracted.split
     if not extracted.names:
         raise DataError(f"{extracted.tar}: no images of the selected classes")
-    remove_stale_parts(out / split)
+    stale = remove_stale_parts(out / split)
+    if stale:
+        logger.info("%s: removed %d temporary files that an interrupted run left", split, stale)
     listing = list_image_folder(out, split)
     on_disk: Dict[str, Set[str]] = {name: set() for name in listing.classes}
     for path, label in listing.samples:
@@ -434,8 +435,10 @@ def check_split(out: Path, extracted: Extracted, allow_partial: bool) -> SplitCh
         if on_disk.get(wnid) != names:
             missing = sorted(names - on_disk.get(wnid, set()))
             extra = sorted(on_disk.get(wnid, set()) - names)
-            detail = f"{len(missing)} missing (e.g. {missing[0]})" if missing else f"{len(extra)} not from the tar " \
-                                                                                       f"(e.g. {extra[0]})"
+            if missing:
+                detail = f"{len(missing)} missing (e.g. {missing[0]})"
+            else:
+                detail = f"{len(extra)} not from the tar (e.g. {extra[0]})"
             raise DataError(f"{out / split / wnid}: the images differ from the tar's: {detail}")
 
     images, classes = len(listing), len(listing.classes)
@@ -445,9 +448,9 @@ def check_split(out: Path, extracted: Extracted, allow_partial: bool) -> SplitCh
         per_class = {wnid: len(names) for wnid, names in on_disk.items()}
         full = set(per_class.values()) == {VAL_PER_CLASS}
     if not full and not allow_partial:
+        per_class = f" ({VAL_PER_CLASS} per class)" if split == "val" else ""
         raise DataError(f"{split}: {images:,} images in {classes:,} classes, ILSVRC2012 has {expected_images:,} in "
-                        f"{expected_classes:,}{' (50 per class)' if split == 'val' else ''}: a partial tar? "
-                        "--allow-partial accepts a subset")
+                        f"{expected_classes:,}{per_class}: a partial tar? --allow-partial accepts a subset")
     unreadable = integrity.find_unreadable(listing, "quick")
     return SplitCheck(split, images, classes, unreadable, full)
 

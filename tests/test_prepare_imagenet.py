@@ -65,7 +65,8 @@ def val_numbers(wnids, per_class: int) -> list:
     numbers = [number for number, wnid in KNOWN_VAL_LABELS.items() if wnid in wnids]
     for wnid in wnids:
         have = sum(labels[number - 1] == wnid for number in numbers)
-        numbers += [i + 1 for i, label in enumerate(labels) if label == wnid and i + 1 not in numbers][:per_class - have]
+        more = [i + 1 for i, label in enumerate(labels) if label == wnid and i + 1 not in numbers]
+        numbers += more[:per_class - have]
     return numbers
 
 
@@ -339,6 +340,26 @@ def test_progress_shows_images_gigabytes_and_eta(caplog):
     with caplog.at_level("INFO", logger=prepare_imagenet.__name__):
         progress.close(7, 2_500_000_000)
     assert log.getvalue() == "" and "val: 7 images, 2.5 GB" in caplog.text and "ETA" not in caplog.text
+
+
+def test_files_that_are_not_from_the_tar_are_found(tars, tmp_path, capsys):
+    """A folder that holds more than the tars (an earlier, other preparation) fails the check, and nothing is lost."""
+    train_tar, val_tar, train, val = tars
+    out = tmp_path / "imagenet"
+    stray = out / "train" / A / f"{A}_99999.JPEG"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(jpeg_bytes(0, 1))
+    assert prepare(train_tar, val_tar, out, "--allow-partial") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {out / 'train' / A}: the images differ from the tar's: "
+                   f"1 not from the tar (e.g. {stray.name})")
+    stray.unlink()
+    (out / "val" / D).mkdir()
+    (out / "val" / D / "ILSVRC2012_val_00000005.JPEG").write_bytes(jpeg_bytes(0, 2))
+    assert prepare(None, val_tar, out, "--allow-partial") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {out / 'val'} has class folders that the tar") and D in err
+    assert not (out / ".prepare_imagenet").exists() and (out / "val" / D / "ILSVRC2012_val_00000005.JPEG").exists()
 
 
 # --- bad input ------------------------------------------------------------------------------------------------
