@@ -11,6 +11,8 @@ import os
 import shutil
 import tempfile
 
+from dataloading.progress import progress
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 32
@@ -39,7 +41,8 @@ def prepare_digits(cache_dir: str = None) -> str:
     # Build beside the target and rename, so an interrupted first run never leaves half a data set behind.
     staging = tempfile.mkdtemp(prefix=".digits-", dir=os.path.dirname(target))
     seen = {label: 0 for label in range(10)}
-    for index, (image, label) in enumerate(zip(digits.images, digits.target)):
+    pairs = progress(zip(digits.images, digits.target), len(digits.images), "preparing the demo data", "img")
+    for index, (image, label) in enumerate(pairs):
         label = int(label)
         split = "val" if seen[label] % 5 == 4 else "train"
         seen[label] += 1
