@@ -261,3 +261,14 @@ def test_several_processes_without_a_gpu_say_so_first(caplog, monkeypatch):
     with caplog.at_level(logging.INFO):
         _banner(args, rank=0, world_size=4)
     assert caplog.records[0].getMessage().startswith("no GPU on this machine: running 4 CPU processes")
+
+
+def test_multiproc_gives_every_rank_one_default_workspace():
+    import multiproc
+
+    args = multiproc.with_run_workspace("./main.py", ["/data", "-a", "resnet18", "-j", "2"])
+    assert args[:4] == ["/data", "-a", "resnet18", "-j"] and args[-2] == "--workspace"
+    assert re.fullmatch(r"runs/resnet18-\d{8}-\d{6}", args[-1])
+    assert multiproc.with_run_workspace("main.py", ["/d", "--arch=resnet34"])[-1].startswith("runs/resnet34-")
+    assert multiproc.with_run_workspace("main.py", ["/d", "--works", "mine"]) == ["/d", "--works", "mine"]
+    assert multiproc.with_run_workspace("other.py", ["/d"]) == ["/d"]
