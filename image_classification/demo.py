@@ -1,8 +1,8 @@
 """The demo data set: scikit-learn's handwritten digits (shipped in its wheel), as an ImageFolder of JPEGs.
 
 1,797 grayscale 8x8 images of the digits 0-9 are upscaled to 32x32, saved once as RGB JPEGs under
-``<cache>/digits/{train,val}/<digit>/`` (every fifth image of each class goes to validation: 1,443 training and
-354 validation images), and reused afterwards. Nothing is downloaded.
+``<cache>/digits/{train,val}/<digit>/`` (every fifth image of each class goes to validation: 1,442 training and
+355 validation images), and reused afterwards. Nothing is downloaded.
 """
 from __future__ import annotations
 
