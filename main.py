@@ -182,6 +182,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _console():
+    """On a terminal, log lines are written above the live progress bars instead of through them."""
+    import contextlib
+
+    from dataloading.progress import on_terminal
+
+    if not on_terminal():
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
+
+
 def main(argv=None) -> int:
     """Exit status: 0 for a finished run (or evaluation), 130 / 143 for a run stopped by Ctrl-C / SIGTERM after
     saving its checkpoint, 2 for bad input."""
@@ -194,7 +207,8 @@ def main(argv=None) -> int:
     from image_classification.runner import UserError, run
 
     try:
-        return run(args)
+        with _console():
+            return run(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

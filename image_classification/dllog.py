@@ -330,12 +330,15 @@ def summary_lines(epochs: Dict[int, dict], summary: Dict[str, float]) -> List[st
     if validated:
         best = max(validated, key=lambda e: validated[e]["val.top1"])
         data = validated[best]
+        losses = f"validation loss {_number(data.get('val.loss'), '.4f')}"
+        if data.get("train.loss") is not None:
+            losses = f"training loss {data['train.loss']:.4f} and {losses}"
         lines.append(f"best top-1 {data['val.top1']:.2f} % (top-5 {_number(data.get('val.top5'), '.2f')} %) at epoch "
-                     f"{best}, with training loss {_number(data.get('train.loss'), '.4f')} and validation loss "
-                     f"{_number(data.get('val.loss'), '.4f')}")
-        lowest = min(validated, key=lambda e: validated[e]["val.loss"] if validated[e].get("val.loss") is not None
-                     else math.inf)
-        lines.append(f"lowest validation loss {_number(validated[lowest].get('val.loss'), '.4f')} at epoch {lowest}")
+                     f"{best}, with {losses}")
+        if len(validated) > 1:
+            lowest = min(validated, key=lambda e: validated[e]["val.loss"] if validated[e].get("val.loss") is not None
+                         else math.inf)
+            lines.append(f"lowest validation loss {_number(validated[lowest].get('val.loss'), '.4f')} at epoch {lowest}")
     elif summary.get("val.top1") is not None:
         lines.append(f"top-1 {summary['val.top1']:.2f} %, top-5 {_number(summary.get('val.top5'), '.2f')} %, "
                      f"validation loss {_number(summary.get('val.loss'), '.4f')}")

@@ -272,3 +272,38 @@ def test_multiproc_gives_every_rank_one_default_workspace():
     assert multiproc.with_run_workspace("main.py", ["/d", "--arch=resnet34"])[-1].startswith("runs/resnet34-")
     assert multiproc.with_run_workspace("main.py", ["/d", "--works", "mine"]) == ["/d", "--works", "mine"]
     assert multiproc.with_run_workspace("other.py", ["/d"]) == ["/d"]
+
+
+def test_console_epoch_line_and_summary():
+    from image_classification.dllog import epoch_line, summary_lines
+
+    big = {"val.top1": 100.0, "val.top5": 100.0, "train.loss": 12345.6789, "val.loss": 12345.6789,
+           "val_ema.top1": 100.0, "train.total_ips": 123456.7, "train.lr": 0.1}
+    line = epoch_line(249, big, 123456.0)
+    assert line.startswith("epoch 249: top-1 100.00 %, top-5 100.00 %, loss 12345.6789") and len(line) < 160
+    epochs = {0: {"val.top1": 50.0, "val.top5": 90.0, "train.loss": 2.0, "val.loss": 1.5},
+              1: {"val.top1": 70.0, "val.top5": 95.0, "train.loss": 1.0, "val.loss": 1.7},
+              2: {"val.top1": 60.0, "val.top5": 96.0, "train.loss": 0.5, "val.loss": 1.2}}
+    lines = summary_lines(epochs, {"train.total_ips": 10.0})
+    assert lines[0].startswith("best top-1 70.00 % (top-5 95.00 %) at epoch 1, with training loss 1.0000 and "
+                               "validation loss 1.7000")
+    assert lines[1] == "lowest validation loss 1.2000 at epoch 2"
+    assert lines[2].startswith("lowest training loss 0.5000")
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    from dataloading import progress
+
+    for terminal in (False, True):
+        stream = io.StringIO()
+        monkeypatch.setattr(sys, "stdout", stream)
+        monkeypatch.setattr(progress, "on_terminal", lambda stream=None, terminal=terminal: terminal)
+        report = Report(None, print_freq=10)
+        for iteration, _ in enumerate(report.track([1, 2, 3], 3, "epoch 0"), start=1):
+            report.log((0, iteration), {"train.loss": 1.0, "train.total_ips": 5.0})
+        report.close()
+        text = stream.getvalue()
+        assert ("\r" in text and "/3 [" in text) == terminal, text
