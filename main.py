@@ -5,7 +5,7 @@
     python ./main.py                                                                     # the CPU demo
 
 With no data path (and no data flag), a small PEDConv ResNet-18 trains on scikit-learn's digits (converted once to
-JPEGs), on the CPU, in a few minutes, into runs/demo/ (a re-run replaces it); other flags still apply. Without
+JPEGs), on the CPU, in about 1.5 minutes on 2 idle cores, into runs/demo/ (a re-run replaces it); other flags still apply. Without
 --workspace every run writes into a new runs/<arch>-<date>-<time>/. Exit status: 0 finished, 130 / 143 stopped by
 Ctrl-C / SIGTERM (after saving), 2 bad input. Multi-process: run under multiproc.py or torchrun.
 """
