@@ -1,11 +1,13 @@
 """Top-k classes and probabilities of one or more images, from a checkpoint (this project's or the release's).
 
-    python classify.py --pretrained-from-file logs/demo/model_best.pth.tar --image-size 32 digit.jpg other.jpg
+    python classify.py --pretrained-from-file runs/demo/model_best.pth.tar digit.jpg other.jpg
     python classify.py --pretrained-from-file model_best.pth.tar --class-names names.json --amp photo.jpg
 
 The architecture (static or PEDConv, depth, width, classes) comes from the checkpoint; ``--arch``, if given, must
 agree with it (NVIDIA's command passes it). Images are prepared as validation images are in training: the shorter
-side resized to ``--image-size`` + 32, a centre crop of ``--image-size``, the ImageNet mean and std.
+side resized to ``--image-size`` + 32, a centre crop of ``--image-size``, the ImageNet mean and std. The size and
+interpolation default to those main.py recorded in the checkpoint (``preprocessing``); a flag that differs from
+them is obeyed with a warning.
 
 Class names: ``--class-names FILE`` if given (one name per line, a JSON list, or a JSON object whose keys are class
 indices or the checkpoint's class names), else the checkpoint's ``classes`` (the training folders' names, saved by
@@ -22,8 +24,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from image_classification.checkpoints import load_checkpoint
-from image_classification.tools import (ToolError, ToolParser, autocast, checkpoint_classes, model_from_checkpoint, pick_device,
-                                        quiet_logging, tool_main)
+from image_classification.tools import (ToolError, ToolParser, autocast, checkpoint_classes, checkpoint_preprocessing,
+                                        model_from_checkpoint, pick_device, quiet_logging, tool_main)
 
 
 def build_parser() -> ToolParser:
@@ -37,8 +39,10 @@ def build_parser() -> ToolParser:
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     parser.add_argument("--class-names", default=None, metavar="FILE",
                         help="class names: one per line, a JSON list, or a JSON object {index or folder name: name}")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic", "triangular"])
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="crop size (default: the size the checkpoint's model was trained at, else 224)")
+    parser.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "triangular"],
+                        help="resize interpolation (default: the checkpoint's, else bilinear)")
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("-b", "--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -130,12 +134,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     missing = [path for path in paths if not os.path.isfile(path)]
     if missing:
         raise ToolError(f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if min(args.image_size, args.topk, args.batch_size) <= 0:
+    if min(args.image_size or 1, args.topk, args.batch_size) <= 0:
         raise ToolError("--image-size, --topk and --batch-size must be positive")
     amp = args.amp or args.precision == "AMP"
     device = pick_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(checkpoint, ema=args.ema, arch=args.arch)
+    preprocessing = checkpoint_preprocessing(checkpoint, image_size=args.image_size, interpolation=args.interpolation)
     num_classes = checkpoint.arch["num_classes"]
     stored = checkpoint_classes(checkpoint)
     if stored is not None and len(stored) != num_classes:
@@ -146,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         names = stored or [str(index) for index in range(num_classes)]
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
-        images = load_images(chunk, args.image_size, args.interpolation)
+        images = load_images(chunk, preprocessing["image_size"], preprocessing["interpolation"])
         probabilities, indices = classify(model, images, args.topk, device, amp)
         for path, probs, classes in zip(chunk, probabilities.tolist(), indices.tolist()):
             print_result(path, probs, classes, names, args.json)

@@ -1,6 +1,6 @@
 """Export a static or PEDConv ResNet to ONNX with a dynamic batch axis, and check it against PyTorch.
 
-    python export_onnx.py --pretrained-from-file logs/demo/model_best.pth.tar --image-size 32 -o demo.onnx --check
+    python export_onnx.py --pretrained-from-file runs/demo/model_best.pth.tar -o demo.onnx --check
     python export_onnx.py --arch resnet50 --dynamic -o pedconv_resnet50.onnx          # random weights
     python export_onnx.py --pretrained-from-file ckpt.pth.tar --ema -o ema.onnx       # the EMA weights
 
@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 
 from image_classification.checkpoints import load_checkpoint
-from image_classification.tools import (ToolError, ToolParser, atomic_output, fresh_model, model_from_checkpoint,
-                                        quiet_logging, tool_main)
+from image_classification.tools import (DEFAULT_PREPROCESSING, ToolError, ToolParser, atomic_output,
+                                        checkpoint_preprocessing, fresh_model, model_from_checkpoint, quiet_logging,
+                                        tool_main)
 
 INPUT, OUTPUT, BATCH = "input", "logits", "batch"
 DEFAULT_OPSET = 17
@@ -44,7 +45,8 @@ def build_parser() -> ToolParser:
     source.add_argument("--dynamic", action="store_true", help="without a checkpoint: PEDConv layers")
     source.add_argument("--wmul", type=float, default=1.0, help="without a checkpoint: width multiplier")
     source.add_argument("--num-classes", type=int, default=1000, help="without a checkpoint: classes")
-    parser.add_argument("--image-size", type=int, default=224, help="height and width of the graph's input")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="height and width of the graph's input (default: the checkpoint's training size, else 224)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--dynamo", action="store_true", help="use the torch.export-based exporter (onnxscript)")
     parser.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch after exporting")
@@ -111,8 +113,12 @@ def compare(model: nn.Module, path: str, image_size: int, batches: Sequence[int]
 
 
 def _model(args) -> nn.Module:
+    """The model to export; sets ``args.image_size`` from the checkpoint when not given."""
     if args.checkpoint:
-        return model_from_checkpoint(load_checkpoint(args.checkpoint), ema=args.ema, arch=args.arch)
+        checkpoint = load_checkpoint(args.checkpoint)
+        args.image_size = checkpoint_preprocessing(checkpoint, image_size=args.image_size)["image_size"]
+        return model_from_checkpoint(checkpoint, ema=args.ema, arch=args.arch)
+    args.image_size = args.image_size or DEFAULT_PREPROCESSING["image_size"]
     if not args.arch:
         raise ToolError("no model: give --pretrained-from-file PATH, or --arch NAME for random weights")
     if args.ema:
@@ -124,7 +130,7 @@ def _model(args) -> nn.Module:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_logging()
-    if args.image_size <= 0 or min(args.check_batches) <= 0:
+    if (args.image_size is not None and args.image_size <= 0) or min(args.check_batches) <= 0:
         raise ToolError("--image-size and --check-batches must be positive")
     model = _model(args)
     export(model, args.output, args.image_size, args.opset, args.dynamo)

@@ -11,8 +11,10 @@ LOCAL_WORLD_SIZE set, the variables `torchrun` sets too, so a script that calls
 
 * Local rank 0 keeps this console. Every other process writes stdout and stderr to
   ``<workspace>/rank_<RANK>.log`` (RANK is the global rank), where the workspace is the ``--workspace``
-  argument given to the script (default: the current folder). Each launch appends to the logs after a
-  header line.
+  argument given to the script; for main.py without one, the launcher picks main.py's default
+  (``runs/<arch>-<date>-<time>/``) and passes it to every rank; for other scripts, the current folder. Each launch
+  appends to the logs after a header line.
+* On a machine without GPUs, a launch of several processes says so in its first line (they run on the CPU).
 * When a child exits non-zero, the others get SIGTERM and, after 5 seconds, SIGKILL (a rank waiting in a
   collective for the failed one cannot finish a step anyway). The launcher exits with that child's status,
   naming its rank and log and printing the log's last lines. A child killed by a signal is reported by the
@@ -116,6 +118,31 @@ def script_option(script_args: Sequence[str], flag: str, min_prefix: int) -> Opt
 def workspace_of(script_args: Sequence[str]) -> Path:
     """The folder for per-rank logs: the script's --workspace, else the current folder."""
     return Path(script_option(script_args, WORKSPACE_FLAG, WORKSPACE_MIN_PREFIX) or ".")
+
+
+def arch_of(script_args: Sequence[str]) -> str:
+    """main.py's architecture in `script_args` (``--arch``, ``-a NAME``, ``-aNAME``), else its default."""
+    value = script_option(script_args, "--arch", len("--ar"))
+    for i, arg in enumerate(script_args):
+        if arg == "--":
+            break
+        if arg == "-a" and i + 1 < len(script_args):
+            value = script_args[i + 1]
+        elif arg.startswith("-a") and not arg.startswith("--") and len(arg) > 2:
+            value = arg[2:].lstrip("=")
+    return value or "resnet50"
+
+
+def with_run_workspace(script: str, script_args: Sequence[str]) -> list[str]:
+    """main.py's arguments with the run's workspace made explicit: without --workspace, main.py picks a new
+    runs/<arch>-<date>-<time>/ per process, which the ranks (started a moment apart) might not agree on, and this
+    launcher needs it for the rank logs."""
+    args = list(script_args)
+    if Path(script).name != "main.py" or script_option(args, WORKSPACE_FLAG, WORKSPACE_MIN_PREFIX) is not None:
+        return args
+    from image_classification.workspace import default_workspace
+
+    return [*args, WORKSPACE_FLAG, default_workspace(arch_of(args))]
 
 
 def runs_on_cpu(script_args: Sequence[str]) -> bool:
@@ -306,6 +333,10 @@ class Launcher:
                 sys.stderr.flush()
 
     def run(self) -> int:
+        if self.args.nproc_per_node > 1 and not runs_on_cpu(self.args.training_script_args) and not gpu_count():
+            print(f"{PROG}: no GPU on this machine: starting {self.args.nproc_per_node} CPU processes",
+                  file=sys.stderr, flush=True)
+        self.args.training_script_args = with_run_workspace(self.args.training_script, self.args.training_script_args)
         workspace = workspace_of(self.args.training_script_args)
         try:
             workspace.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
     python benchmarks/accuracy.py --epochs 10 --seeds 0 1 2 3 4 --out logs/accuracy
 
 Trains each model with main.py's engine (in this process) on the demo data set (scikit-learn's digits as 32x32
-JPEGs, 1,443 training and 354 validation images, 10 classes), with the demo's recipe (``main.DEMO_DEFAULTS``:
+JPEGs, 1,442 training and 355 validation images, 10 classes), with the demo's recipe (``main.DEMO_DEFAULTS``:
 ResNet-18 at width 0.25, batch 32, SGD lr 0.1 with one warmup epoch and a cosine schedule, label smoothing 0.1,
 momentum 0.9, weight decay 5e-5); only ``--dynamic`` and ``--seed`` differ between runs. Each model keeps its own
 default initialization (the release's for PEDConv, Kaiming for the static one), as ``main.py`` does.

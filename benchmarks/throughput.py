@@ -75,7 +75,7 @@ def engine_argv(args, model: str, mode: str, precision: str, batch: int, workspa
     argv = [args.data or "synthetic", "--data-backend", args.data_backend, "--arch", args.arch,
             "--wmul", str(args.wmul), "--image-size", str(args.image_size), "-b", str(batch), "--epochs", "1",
             "--prof", str(args.prof), MODES[mode], "--no-checkpoints", "--workspace", workspace,
-            "--raport-file", "raport.json", "-p", str(10 ** 9), "--device", args.device, "--seed", "0",
+            "--raport-file", "raport.json", "-p", "1", "--device", args.device, "--seed", "0",
             "--memory-format", args.memory_format, "-j", str(args.workers), "--lr", "0.01"]
     if args.num_classes:
         argv += ["--num-classes", str(args.num_classes)]

@@ -71,7 +71,8 @@ def import_dali():
             math=importlib.import_module("nvidia.dali.math"),
         )
     except ImportError as error:
-        raise DataError(f"the DALI backends need NVIDIA DALI ({INSTALL_HINT}); import failed: {error}") from error
+        raise DataError(f"the DALI backends (main.py's default, dali-cpu, as NVIDIA's) need NVIDIA DALI ({INSTALL_HINT}),"
+                        f" or pass --data-backend pytorch; import failed: {error}") from error
     return modules
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from .common import ImageFolderListing
+from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -168,10 +169,15 @@ def find_unreadable(
     paths = [path for path, _ in listing.samples]
     chunks = [paths[start:start + SCAN_CHUNK] for start in range(0, len(paths), SCAN_CHUNK)]
     unreadable: dict[str, str] = {}
+    bar = progress_bar(len(paths), f"checking {os.path.basename(str(listing.root)) or listing.root}", "img")
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         # PIL releases the GIL while decoding, so threads also spread the full scan over cores.
-        for chunk_result in pool.map(lambda chunk: _check_all(check, chunk), chunks):
+        for chunk, chunk_result in zip(chunks, pool.map(lambda chunk: _check_all(check, chunk), chunks)):
             unreadable.update(chunk_result)
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     _write_cache(cache_dir, level, digest, listing, unreadable)
     return unreadable
 

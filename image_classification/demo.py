@@ -1,8 +1,8 @@
 """The demo data set: scikit-learn's handwritten digits (shipped in its wheel), as an ImageFolder of JPEGs.
 
 1,797 grayscale 8x8 images of the digits 0-9 are upscaled to 32x32, saved once as RGB JPEGs under
-``<cache>/digits/{train,val}/<digit>/`` (every fifth image of each class goes to validation: 1,443 training and
-354 validation images), and reused afterwards. Nothing is downloaded.
+``<cache>/digits/{train,val}/<digit>/`` (every fifth image of each class goes to validation: 1,442 training and
+355 validation images), and reused afterwards. Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import logging
 import os
 import shutil
 import tempfile
+
+from dataloading.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ def prepare_digits(cache_dir: str = None) -> str:
     # Build beside the target and rename, so an interrupted first run never leaves half a data set behind.
     staging = tempfile.mkdtemp(prefix=".digits-", dir=os.path.dirname(target))
     seen = {label: 0 for label in range(10)}
-    for index, (image, label) in enumerate(zip(digits.images, digits.target)):
+    pairs = progress(zip(digits.images, digits.target), len(digits.images), "preparing the demo data", "img")
+    for index, (image, label) in enumerate(pairs):
         label = int(label)
         split = "val" if seen[label] % 5 == 4 else "train"
         seen[label] += 1

@@ -1,7 +1,7 @@
 """Training reports as pictures and a table: one or several DLLogger reports (main.py's ``--raport-file``) overlaid.
 
-    python -m image_classification.report logs/static/raport.json logs/pedconv/raport.json --out plots \\
-        --labels static PEDConv
+    python -m image_classification.report runs/static/raport.json runs/pedconv/raport.json --out plots \\
+        --labels static PEDConv [--run -1]
 
 Writes into ``--out`` (created if needed; every file written atomically):
 
@@ -12,10 +12,15 @@ Writes into ``--out`` (created if needed; every file written atomically):
 - ``summary.md``: one row per run (model, epochs, best and final top-1, top-5, losses, images/s, latency), and when
   several runs share a label (seeds of one setup), one row per label with the mean and spread of their top-1.
 
-Runs are labelled by ``--labels`` (one per report), else by their model (``resnet18 PEDConv x0.25``); runs with the
-same label share a colour. Iterations are counted from the first training step of the report; a resumed run's
-repeated steps are taken from its last attempt. A plot that no run has data for (an evaluation-only report has no
-training iterations) is not written.
+Runs are never spliced. A report holds one run per process that wrote into it (its PARAMETER line, with
+``run.start``), except that a ``--resume``d process continues the run it resumed (``run.continues``; in reports
+written before these keys, a process started with ``--resume`` continues the run before it), its repeated steps
+taken from the later attempt. Every run is drawn apart (``--run N``: only the N-th of each report) and the tool
+prints which runs it drew. Runs are labelled by ``--labels`` (one per report), else by their model (``resnet18
+PEDConv x0.25``), with ``#N`` added when a report holds several; runs with the same label share a colour. The
+per-iteration plots count the run's training iterations (epoch lengths from the validation steps' last training
+iteration, else the last one reported). A plot that no run has data for (an evaluation-only report has no training
+iterations) is not written.
 """
 from __future__ import annotations
 
@@ -34,14 +39,17 @@ PLOTS = ("train_loss.png", "learning_rate.png", "val_accuracy.png", "throughput.
 
 @dataclass
 class Run:
-    """What one report holds, by kind of step."""
+    """What one run of a report holds, by kind of step."""
 
     path: str
     label: str = ""
     params: dict = field(default_factory=dict)
-    iterations: List[dict] = field(default_factory=list)  # training iterations, in (epoch, iteration) order
-    epochs: Dict[int, dict] = field(default_factory=dict)  # epoch (from 1) -> its aggregates
+    iterations: List[dict] = field(default_factory=list)  # training lines, in (epoch, iteration) order
+    steps: List[int] = field(default_factory=list)  # the training iteration of each of them, counted over the run
+    epochs: Dict[int, dict] = field(default_factory=dict)  # epoch (as the report numbers it) -> its aggregates
     summary: dict = field(default_factory=dict)
+    index: int = 1  # this run's number among the report's runs, from 1
+    count: int = 1  # how many runs the report holds
 
     @property
     def model(self) -> str:
@@ -50,22 +58,56 @@ class Run:
             return "?"
         return f"{p['arch']} {'PEDConv' if p.get('dynamic') else 'static'} x{float(p.get('wmul', 1.0)):g}"
 
+    @property
+    def start(self) -> str:
+        """When the run started (``run.start`` of its PARAMETER line; reports written before it: the line's time)."""
+        return str(self.params.get("run.start") or self.params.get("_datetime") or "?")[:19]
+
+    def describe(self) -> str:
+        epochs = f"epochs {min(self.epochs)}-{max(self.epochs)}" if self.epochs else "no epoch"
+        return f"{self.path}: run {self.index} of {self.count}, started {self.start}, {epochs}"
+
     def series(self, metric: str) -> List[float]:
-        """The metric over the training iterations (NaN where an iteration lacks it)."""
-        return [float(entry.get(metric, math.nan)) for entry in self.iterations]
+        """The metric over the training lines (NaN where a line lacks it)."""
+        return [float(entry.get(metric) if entry.get(metric) is not None else math.nan) for entry in self.iterations]
 
     def per_epoch(self, metric: str) -> Tuple[List[int], List[float]]:
         """(epochs, values) of the epochs whose aggregates hold ``metric``."""
-        pairs = [(epoch, data[metric]) for epoch, data in sorted(self.epochs.items()) if metric in data]
+        pairs = [(epoch, data[metric]) for epoch, data in sorted(self.epochs.items()) if data.get(metric) is not None]
         return [e for e, _ in pairs], [float(v) for _, v in pairs]
 
 
-def load_run(path: str, label: Optional[str] = None) -> Run:
-    """Read one DLLogger report; a ToolError (one line) when it is missing or not a report."""
-    if not os.path.isfile(path):
-        raise ToolError(f"{path}: no such report file")
-    run = Run(path)
-    training: Dict[Tuple[int, int], dict] = {}
+@dataclass
+class _Segment:
+    """The lines one process wrote: from its PARAMETER line to the next one."""
+
+    params: dict
+    training: Dict[Tuple[int, int], dict] = field(default_factory=dict)
+    last_iteration: Dict[int, int] = field(default_factory=dict)  # epoch -> its last training iteration
+    epochs: Dict[int, dict] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+    def absorb(self, later: "_Segment") -> None:
+        """Continue this run with a resumed process's lines (repeated steps: the later attempt's)."""
+        self.training.update(later.training)
+        for epoch, last in later.last_iteration.items():
+            self.last_iteration[epoch] = max(last, self.last_iteration.get(epoch, 0))
+        for epoch, data in later.epochs.items():
+            self.epochs[epoch] = data
+        self.summary = later.summary or self.summary
+
+
+def _continues(params: dict, earlier: List[_Segment]) -> Optional[_Segment]:
+    """The run that a process continues: the one whose start its ``run.continues`` names; in reports written before
+    runs were recorded, a ``--resume``d process continues the one before it."""
+    if "run.start" in params:
+        wanted = params.get("run.continues")
+        return next((seg for seg in reversed(earlier) if seg.params.get("run.start") == wanted), None) if wanted else None
+    return earlier[-1] if params.get("resume") and earlier else None
+
+
+def _segments(path: str) -> List[_Segment]:
+    segments: List[_Segment] = []
     logs = 0
     try:
         for entry in read_report(path):
@@ -74,22 +116,74 @@ def load_run(path: str, label: Optional[str] = None) -> Run:
             logs += 1
             step, data = entry.get("step"), entry.get("data") or {}
             if step == "PARAMETER":
-                run.params = data
-            elif isinstance(step, list) and len(step) == 2:
-                training[(int(step[0]), int(step[1]))] = data
+                if segments and not segments[-1].training and not segments[-1].epochs and \
+                        segments[-1].params.get("run.start") == data.get("run.start") and "run.start" not in data:
+                    segments[-1].params.update(data)  # NVIDIA writes two PARAMETER lines (arguments, model.*)
+                else:
+                    segments.append(_Segment({"_datetime": entry.get("datetime"), **data}))
+                continue
+            if not segments:
+                segments.append(_Segment({}))
+            segment = segments[-1]
+            if isinstance(step, list) and len(step) == 2:
+                segment.training[(int(step[0]), int(step[1]))] = data
+                segment.last_iteration[int(step[0])] = max(int(step[1]), segment.last_iteration.get(int(step[0]), 0))
+            elif isinstance(step, list) and len(step) == 3:
+                segment.last_iteration[int(step[0])] = max(int(step[1]), segment.last_iteration.get(int(step[0]), 0))
             elif isinstance(step, list) and len(step) == 1:
-                run.epochs.setdefault(int(step[0]), {}).update(data)
+                segment.epochs.setdefault(int(step[0]), {}).update(data)
             elif step == []:
-                run.summary = data
+                segment.summary = data
     except ValueError as error:  # json.JSONDecodeError, or a step that is not numbers
         raise ToolError(f"{path}: not a DLLogger report ({str(error).splitlines()[0]})") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ToolError(f"{path}: cannot read: {error}") from None
     if not logs:
         raise ToolError(f"{path}: not a DLLogger report (no 'DLLL {{...}}' LOG lines)")
-    run.iterations = [training[key] for key in sorted(training)]
-    run.label = label or run.model
-    return run
+    runs: List[_Segment] = []
+    for segment in segments:
+        continued = _continues(segment.params, runs)
+        if continued is not None:
+            continued.absorb(segment)
+        else:
+            runs.append(segment)
+    return runs
+
+
+def load_runs(path: str, label: Optional[str] = None) -> List[Run]:
+    """Every run in one DLLogger report, in order, never spliced: each process's lines belong to the run it started
+    or (``--resume``) continued. A ToolError (one line) when the file is missing or not a report."""
+    if not os.path.isfile(path):
+        raise ToolError(f"{path}: no such report file")
+    segments = _segments(path)
+    runs = []
+    for index, segment in enumerate(segments, start=1):
+        run = Run(path, params=segment.params, epochs=segment.epochs, summary=segment.summary, index=index,
+                  count=len(segments))
+        offset, offsets = 0, {}
+        for epoch in sorted(segment.last_iteration):
+            offsets[epoch] = offset
+            offset += segment.last_iteration[epoch]
+        for key in sorted(segment.training):
+            run.iterations.append(segment.training[key])
+            run.steps.append(offsets[key[0]] + key[1])
+        name = label or run.model
+        run.label = name if len(segments) == 1 else f"{name} #{index}"
+        runs.append(run)
+    return runs
+
+
+def load_run(path: str, label: Optional[str] = None, which: int = -1) -> Run:
+    """One run of a report: the last by default, else number ``which`` (from 1; negative: from the last)."""
+    runs = load_runs(path, label)
+    return runs[pick_run(which, len(runs), path)]
+
+
+def pick_run(which: int, count: int, path: str) -> int:
+    """The list index of run ``which`` (from 1; negative from the last) of ``count``; a ToolError when out of range."""
+    if which == 0 or not -count <= which <= count:
+        raise ToolError(f"{path} holds {count} run(s): --run {which} is none of them (1..{count}, or -1 for the last)")
+    return which - 1 if which > 0 else count + which
 
 
 def finished(path: str) -> bool:
@@ -169,7 +263,7 @@ class _Plot:
 
 def _per_iteration(plot: _Plot, panel: int, run: Run, metric: str, raw: bool) -> None:
     values = run.series(metric)
-    xs = list(range(1, len(values) + 1))
+    xs = run.steps
     window = max(1, len(values) // 50)
     if raw:
         plot.line(panel, run, xs, values, width=0.6, alpha=0.3)
@@ -185,7 +279,7 @@ def plot_runs(runs: Sequence[Run], out_dir: str) -> List[str]:
     speed = _Plot(runs, "throughput", [("iteration", "training images/s"), ("epoch", "validation images/s")])
     for run in runs:
         _per_iteration(loss, 0, run, "train.loss", raw=True)
-        lr.line(0, run, list(range(1, len(run.iterations) + 1)), run.series("train.lr"))
+        lr.line(0, run, run.steps, run.series("train.lr"))
         for panel, metric in enumerate(("top1", "top5")):
             accuracy.line(panel, run, *run.per_epoch(f"val.{metric}"), marker="o")
             accuracy.line(panel, run, *run.per_epoch(f"val_ema.{metric}"), style="--", suffix=" (EMA)", marker=".")
@@ -212,7 +306,7 @@ def run_row(run: Run) -> Dict[str, Optional[float]]:
     _, latency = run.per_epoch("val.compute_latency_at99")
     best = max(range(len(top1)), key=top1.__getitem__) if top1 else None
     return {
-        "epochs": max(run.epochs) if run.epochs else None,
+        "epochs": len(run.epochs) if run.epochs else None,
         "best_top1": top1[best] if best is not None else None,
         "best_top5": top5[best] if best is not None and best < len(top5) else None,
         "best_epoch": epochs[best] if best is not None else None,
@@ -281,6 +375,8 @@ def build_parser() -> ToolParser:
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for the plots and summary.md")
     parser.add_argument("--labels", nargs="+", default=None, help="one label per report (same label: same colour)")
     parser.add_argument("--title", default="Runs", help="heading of summary.md")
+    parser.add_argument("--run", type=int, default=None, metavar="N",
+                        help="draw only run N of each report (from 1; -1: the last); default: every run, apart")
     return parser
 
 
@@ -290,7 +386,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.labels is not None and len(args.labels) != len(args.reports):
         raise ToolError(f"{len(args.labels)} labels for {len(args.reports)} reports")
     labels = args.labels or [None] * len(args.reports)
-    runs = [load_run(path, label) for path, label in zip(args.reports, labels)]
+    runs = []
+    for path, label in zip(args.reports, labels):
+        found = load_runs(path, label)
+        runs += found if args.run is None else [found[pick_run(args.run, len(found), path)]]
+    for run in runs:
+        print(f"drawing {run.describe()} as {run.label!r}")
     for path in write_report(runs, args.out, args.title):
         print(path)
     return 0

@@ -2,25 +2,25 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
 import random
-import re
-from typing import Optional
+import signal
+from typing import List, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoints, distributed
+from . import checkpoints, distributed, workspace
 from .allocator import configure_malloc
-from .dllog import Report
+from .dllog import Report, metric_names
 from .ema import EMA
 from .losses import Mixup, SoftTargetCrossEntropy
 from .models import ARCHITECTURES, build_model, set_pedconv_method
 from .optim import build_optimizer, lr_schedule
 from .summary import format_summary, summarize
+from .tools import DEFAULT_PREPROCESSING, checkpoint_preprocessing
 from .training import GracefulStop, Precision, Trainer
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,17 @@ def _initial_weights(args) -> Optional[checkpoints.Checkpoint]:
     return checkpoint
 
 
+def _choose_preprocessing(args, checkpoint: Optional[checkpoints.Checkpoint]) -> None:
+    """--image-size and --interpolation: as given, else (evaluating or resuming) what the checkpoint records, else
+    224 and bilinear; a flag that differs from the checkpoint's record is obeyed with a warning."""
+    given = {"image_size": args.image_size, "interpolation": args.interpolation}
+    if checkpoint is not None and (args.evaluate or args.resume):
+        chosen = checkpoint_preprocessing(checkpoint, **given)
+    else:
+        chosen = {name: DEFAULT_PREPROCESSING[name] if value is None else value for name, value in given.items()}
+    args.image_size, args.interpolation = chosen["image_size"], chosen["interpolation"]
+
+
 def _build_model(args, num_classes: int, checkpoint: Optional[checkpoints.Checkpoint]) -> nn.Module:
     try:
         model = build_model(args.arch, args.dynamic, num_classes, args.wmul, config=args.model_config,
@@ -117,31 +128,98 @@ def _build_model(args, num_classes: int, checkpoint: Optional[checkpoints.Checkp
     return model
 
 
+def _preprocessing(args) -> dict:
+    """How the checkpoint's model saw its images, for classify.py, export_onnx.py and evaluation."""
+    from dataloading import IMAGENET_MEAN_255, IMAGENET_STD_255
+
+    return {"image_size": args.image_size, "interpolation": args.interpolation,
+            "mean": [float(v) for v in IMAGENET_MEAN_255], "std": [float(v) for v in IMAGENET_STD_255],
+            "resize": "shorter side to image_size + 32, centre crop"}
+
+
 def _save(args, context, trainer: Trainer, epoch: int, best_top1: Optional[float], is_best: bool, ema,
-          classes=None) -> None:
+          classes=None, *, numbered: bool = True) -> None:
+    """Write the checkpoints of ``epoch`` epochs done: NVIDIA's ``checkpoint_<epoch-1:04>.pth.tar`` (kept for the last
+    ``--gather-checkpoints`` epochs), ``--checkpoint-filename`` and, on a new best top-1, ``model_best.pth.tar``."""
     if not (args.save_checkpoints and context.is_main) or args.evaluate:
         return
     state = checkpoints.make_checkpoint(trainer.model, epoch, trainer.optimizer, trainer.precision.scaler, best_top1,
                                         ema.module if ema is not None else None, checkpoints.capture_rng())
     if classes:
         state["classes"] = list(classes)  # class names in label order, for classify.py
+    state["preprocessing"] = _preprocessing(args)
     path = os.path.join(args.workspace, args.checkpoint_filename)
     checkpoints.save_checkpoint(state, path)
     if is_best:
-        checkpoints.save_checkpoint(state, os.path.join(args.workspace, "model_best.pth.tar"))
-    if args.gather_checkpoints > 0:
-        checkpoints.save_checkpoint(state, os.path.join(args.workspace, f"checkpoint-{epoch}.pth.tar"))
-        numbered = sorted(glob.glob(os.path.join(args.workspace, "checkpoint-*.pth.tar")),
-                          key=lambda p: int(re.search(r"checkpoint-(\d+)", p).group(1)))
-        for old in numbered[: -args.gather_checkpoints]:
-            os.remove(old)
+        checkpoints.save_checkpoint(state, os.path.join(args.workspace, workspace.BEST_NAME))
+    if numbered and args.gather_checkpoints != 0:
+        checkpoints.save_checkpoint(state, os.path.join(args.workspace, workspace.numbered_name(epoch - 1)))
+        workspace.keep_last(args.workspace, args.gather_checkpoints)
     logger.info("checkpoint saved: %s%s", path, " (new best)" if is_best else "")
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _banner(args, rank: int, world_size: int) -> None:
+    """The run's first lines (rank 0), before any process group or data work; caps --workers at the usable cores."""
+    cores = _usable_cores()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    on_cuda = args.device == "cuda" or (args.device == "auto" and gpus > 0)
+    if world_size > 1 and not on_cuda and rank == 0:
+        logger.info("no GPU on this machine: running %d CPU processes (gloo)%s", world_size,
+                    "" if args.device == "cpu" else "; pass --device cpu to say so")
+    if args.workers > cores:
+        if rank == 0:
+            logger.info("-j/--workers %d lowered to %d, the cores this process may use", args.workers, cores)
+        args.workers = cores
+    if rank != 0:
+        return
+    devices = f"{min(world_size, gpus) if world_size > 1 else 1} x cuda ({gpus} visible)" if on_cuda else "cpu"
+    precision = ("amp (float16)" if on_cuda else "amp (bfloat16)") if args.amp else "fp32"
+    data = "scikit-learn digits (demo)" if args.demo else args.data
+    logger.info("run: %s%s x%g | device %s | precision %s | data %s via %s, %d workers | world size %d | "
+                "workspace %s", args.arch, " PEDConv" if args.dynamic else "", args.wmul, devices, precision, data,
+                args.data_backend, args.workers, world_size, os.path.abspath(args.workspace))
+
+
+def _prepare_workspace(args, context) -> None:
+    """Refuse a workspace that holds a finished run's checkpoints unless --resume or --overwrite; with --overwrite
+    (and for the demo) remove them first. Only rank 0 creates the folder or removes anything."""
+    if args.replace_demo:
+        args.overwrite = True
+    try:
+        old = workspace.check_workspace(args.workspace, args.checkpoint_filename, resume=bool(args.resume),
+                                        overwrite=args.overwrite,
+                                        writes_checkpoints=args.save_checkpoints and not args.evaluate)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if not context.is_main:
+        return
+    if args.replace_demo and old:
+        logger.info("replacing the previous demo run in %s", args.workspace)
+    elif old:
+        logger.info("--overwrite: removing the previous run's checkpoints in %s (%d files)", args.workspace, len(old))
+    for path in old:
+        os.remove(path)
+    if args.replace_demo and args.raport_file and os.path.exists(os.path.join(args.workspace, args.raport_file)):
+        os.remove(os.path.join(args.workspace, args.raport_file))
+    os.makedirs(args.workspace, exist_ok=True)
+
+
 def run(args) -> int:
-    """Run the command line's job; on every way out (success, error, SIGTERM/SIGINT) the loaders' workers and
-    pipelines are stopped first, then the ranks meet (after a success only: a failed rank would never arrive) and
-    leave the process group."""
+    """Train or evaluate as ``args`` say; the exit status (0; 128 + the signal for a run stopped by one).
+
+    On every way out (success, error, SIGTERM/SIGINT) the loaders' workers and pipelines are stopped first, then
+    the ranks meet (after a success only: a failed rank would never arrive) and leave the process group."""
+    args.demo = getattr(args, "demo", False)
+    args.replace_demo = getattr(args, "replace_demo", False)
+    args.overwrite = getattr(args, "overwrite", False)
+    _banner(args, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
     try:
         context = distributed.init_from_environment(args.device)
     except ValueError as error:
@@ -156,20 +234,25 @@ def run(args) -> int:
         distributed.shutdown(context, wait_for_all=finished)
 
 
+def _steps(loader, prof: int) -> int:
+    return len(loader) if prof <= 0 else min(len(loader), prof)
+
+
 def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> int:
+    accumulation = _check_args(args, context)
+    _prepare_workspace(args, context)
     if args.demo:
         from .demo import prepare_digits
 
         args.data = prepare_digits()
         logger.info("demo: PEDConv ResNet-18 (wmul %.2f) on scikit-learn's digits at %s", args.wmul, args.data)
-    accumulation = _check_args(args, context)
     if context.device.type == "cpu":
         logger.info("malloc: %s", configure_malloc())
     _seed(args.seed, context.rank, args.deterministic)
-    os.makedirs(args.workspace, exist_ok=True)
     memory_format = torch.channels_last if args.memory_format == "nhwc" else torch.contiguous_format
 
     checkpoint = _initial_weights(args)
+    _choose_preprocessing(args, checkpoint)
     loaders = _loaders(args, context, memory_format)
     closing.callback(loaders.close)
     num_classes = args.num_classes or (len(loaders.classes) if loaders.classes else 1000)
@@ -178,7 +261,8 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
     model = model.to(context.device, memory_format=memory_format)
 
     report_path = os.path.join(args.workspace, args.raport_file) if args.raport_file else None
-    report = Report(report_path if context.is_main else None, args.print_freq)
+    report = Report(report_path if context.is_main else None, args.print_freq, resume=bool(args.resume),
+                    bars=context.is_main)
     report.parameters({**vars(args), "model.params": summary.params,
                        "model.params_without_decoders": summary.params_without_decoders,
                        "model.macs": summary.macs, "model.pedconv_layers": summary.dynamic_layers})
@@ -198,21 +282,32 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     mixup = Mixup(args.mixup, num_classes, args.label_smoothing) if args.mixup > 0 else None
+    # val.loss as NVIDIA's: the training criterion on the hard labels, except with mixup (plain cross-entropy there)
+    val_criterion = SoftTargetCrossEntropy(args.label_smoothing) if args.mixup <= 0 and args.label_smoothing else None
     trainer = Trainer(wrapped, SoftTargetCrossEntropy(args.label_smoothing), optimizer, precision, context, report,
                       accumulation=accumulation, infomax_weight=args.infomax_weight if args.dynamic else 0.0,
                       mixup=mixup, ema=ema, memory_format=memory_format, prof=args.prof, topk=args.topk,
-                      inner_model=model)
+                      inner_model=model, val_criterion=val_criterion)
     logger.info("%s; %d process(es) on %s; batch %d x %d, accumulation %d",
                 format_summary(summary, f"{args.arch}{' (PEDConv)' if args.dynamic else ''} x{args.wmul:g}"),
                 context.world_size, context.device, args.batch_size, context.world_size, accumulation)
+    prefixes = ["val"] + (["val_ema"] if ema is not None else [])
+    keys = metric_names(prefixes)
+
+    def validate(epoch: int) -> dict:
+        val_loader = report.track(loaders.val, _steps(loaders.val, args.prof), f"val {epoch}")
+        results = trainer.validate(val_loader, epoch)
+        if ema is not None:
+            results.update(trainer.validate(report.track(loaders.val, _steps(loaders.val, args.prof),
+                                                         f"val EMA {epoch}"), epoch, ema.module, "val_ema"))
+        return results
 
     if args.evaluate:
-        results = trainer.validate(loaders.val, start_epoch)
         if ema is not None and checkpoint is not None and checkpoint.state_dict_ema:
             ema.module.load_state_dict(checkpoint.state_dict_ema)
-            results.update(trainer.validate(loaders.val, start_epoch, ema.module, "val_ema"))
-        report.log([start_epoch + 1], results)
-        report.log([], _summary([results], []))
+        results = {**dict.fromkeys(keys), **validate(start_epoch)}
+        report.log([start_epoch], results)
+        report.log([], run_summary([results], keys))
         report.close()
         logger.info("evaluation done: top-1 %.2f %%, top-5 %.2f %% on %d images; report: %s",
                     results["val.top1"], results["val.top5"], results["val.images"], report_path)
@@ -220,32 +315,31 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
 
     schedule = lr_schedule(args.lr_schedule, args.lr, args.warmup, args.epochs, args.end_lr)
     last_epoch = args.epochs if args.run_epochs < 0 else min(args.epochs, start_epoch + args.run_epochs)
-    val_history, train_history = [], []
+    history = []
     with GracefulStop() as stop:
         trainer.stop = stop
         for epoch in range(start_epoch, last_epoch):
             loaders.train.set_epoch(epoch)
-            train_results = trainer.train_epoch(loaders.train, epoch, schedule(epoch))
+            train_loader = report.track(loaders.train, _steps(loaders.train, args.prof), f"epoch {epoch}")
+            train_results = trainer.train_epoch(train_loader, epoch, schedule(epoch))
             if stop.requested:
-                _save(args, context, trainer, epoch, best_top1, False, ema, loaders.classes)
+                _save(args, context, trainer, epoch, best_top1, False, ema, loaders.classes, numbered=False)
                 report.close()
-                logger.info("stopped during epoch %d; resume with --resume %s", epoch + 1,
+                status = 128 + (stop.signum or signal.SIGTERM)
+                logger.info("stopped during epoch %d (exit status %d); resume with --resume %s", epoch, status,
                             os.path.join(args.workspace, args.checkpoint_filename))
-                return 0
-            epoch_results = dict(train_results)
-            train_history.append(train_results)
+                return status
+            epoch_results = {**dict.fromkeys(keys), **train_results}
             is_best = False
             if not args.training_only:
-                val_results = trainer.validate(loaders.val, epoch)
-                if ema is not None:
-                    val_results.update(trainer.validate(loaders.val, epoch, ema.module, "val_ema"))
-                val_history.append(val_results)
+                val_results = validate(epoch)
                 epoch_results.update(val_results)
                 is_best = best_top1 is None or val_results["val.top1"] > best_top1
                 best_top1 = val_results["val.top1"] if is_best else best_top1
-            report.log([epoch + 1], epoch_results)
+            history.append(epoch_results)
+            report.log([epoch], epoch_results)
             _save(args, context, trainer, epoch + 1, best_top1, is_best, ema, loaders.classes)
-    report.log([], _summary(val_history, train_history))
+    report.log([], run_summary(history, keys))
     report.close()
     if context.is_main:
         logger.info("done: best top-1 %s; report: %s; checkpoints in %s",
@@ -269,22 +363,25 @@ def _restore(checkpoint, optimizer, precision, ema, context):
     return epoch, checkpoint.best_prec1
 
 
-def _summary(val_history, train_history) -> dict:
-    """The run summary: best top-1 (and its top-5), lowest losses, mean throughput, last learning rate."""
+def run_summary(epochs: List[dict], keys: List[str]) -> dict:
+    """The run summary (step ``[]``) over this run's epoch lines, every key of ``keys`` (null without data), as
+    NVIDIA's run aggregators: best top-1 and top-5, lowest losses (NVIDIA's code keeps the highest: a bug), mean
+    throughput, times and latency, the last learning rate; the latency percentiles are the highest of the epochs'
+    (exact for one validation pass)."""
     summary = {}
-    if val_history:
-        best = max(val_history, key=lambda r: r["val.top1"])
-        summary.update({"val.top1": best["val.top1"], "val.top5": best["val.top5"],
-                        "val.loss": min(r["val.loss"] for r in val_history)})
-        for name in ("val.compute_ips", "val.total_ips", "val.compute_latency"):
-            values = [r[name] for r in val_history if name in r]
-            if values:
-                summary[name] = sum(values) / len(values)
-        if "val_ema.top1" in val_history[0]:
-            summary["val_ema.top1"] = max(r["val_ema.top1"] for r in val_history)
-    if train_history:
-        summary["train.loss"] = min(r["train.loss"] for r in train_history if "train.loss" in r)
-        for name in ("train.compute_ips", "train.total_ips"):
-            summary[name] = sum(r[name] for r in train_history) / len(train_history)
-        summary["train.lr"] = train_history[-1]["train.lr"]
+    for key in keys:
+        values = [e[key] for e in epochs if e.get(key) is not None]
+        name = key.split(".", 1)[1]
+        if not values:
+            summary[key] = None
+        elif name in ("top1", "top5"):
+            summary[key] = max(values)
+        elif name.endswith("loss") or name == "cross_entropy":
+            summary[key] = min(values)
+        elif name == "lr" or name == "images":
+            summary[key] = values[-1]
+        elif name.startswith("compute_latency_at"):
+            summary[key] = max(values)
+        else:
+            summary[key] = sum(values) / len(values)
     return summary

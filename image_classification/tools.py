@@ -152,6 +152,29 @@ def checkpoint_classes(checkpoint: Checkpoint) -> Optional[List[str]]:
     return None
 
 
+DEFAULT_PREPROCESSING = {"image_size": 224, "interpolation": "bilinear"}
+
+
+def checkpoint_preprocessing(checkpoint: Checkpoint, **given) -> dict:
+    """``image_size`` and ``interpolation`` for a checkpoint's model: a value given (not None) wins, with a warning
+    when it differs from the one the checkpoint records (main.py stores how its images were prepared); otherwise
+    the recorded value, else DLE's default (224, bilinear)."""
+    stored = checkpoint.extra.get("preprocessing")
+    stored = stored if isinstance(stored, dict) else {}
+    chosen = {}
+    for name, default in DEFAULT_PREPROCESSING.items():
+        value, recorded = given.get(name), stored.get(name)
+        if value is None:
+            chosen[name] = recorded if recorded is not None else default
+            continue
+        if recorded is not None and value != recorded:
+            logging.getLogger(__name__).warning(
+                "--%s %s overrides the %s the checkpoint's model was trained with (%s): its predictions may be wrong",
+                name.replace("_", "-"), value, name.replace("_", " "), recorded)
+        chosen[name] = value
+    return chosen
+
+
 def pick_device(name: str) -> torch.device:
     """``auto`` (CUDA when present), ``cpu`` or ``cuda`` (an error without a GPU)."""
     if name == "auto":

@@ -29,12 +29,14 @@ class GracefulStop:
 
     def __init__(self):
         self.requested = False
+        self.signum: Optional[int] = None  # the signal that asked to stop (the exit status is 128 + it)
         self._previous = {}
 
     def _handle(self, signum, _frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = self.signum or signum
         logger.warning("%s received: finishing the current step, then saving and exiting", signal.Signals(signum).name)
 
     def __enter__(self):
@@ -106,7 +108,7 @@ class Trainer:
                  context: Context, report: Report, *, accumulation: int = 1, infomax_weight: float = 0.0,
                  mixup: Optional[Mixup] = None, ema: Optional[EMA] = None, memory_format=torch.contiguous_format,
                  prof: int = -1, topk: int = 5, stop: Optional[GracefulStop] = None,
-                 inner_model: Optional[nn.Module] = None):
+                 inner_model: Optional[nn.Module] = None, val_criterion: Optional[nn.Module] = None):
         self.model = model
         self.inner_model = inner_model if inner_model is not None else model
         self.criterion = criterion
@@ -122,6 +124,10 @@ class Trainer:
         self.prof = prof
         self.topk = topk
         self.stop = stop or GracefulStop()
+        # val.loss is computed with this criterion on the hard labels (NVIDIA's: the training loss, label smoothing
+        # included; plain cross-entropy with mixup); None: plain cross-entropy. val.cross_entropy is always plain.
+        self.val_criterion = val_criterion
+        self.last_train_iteration = 0  # validation steps are [epoch, last training iteration, val iteration]
 
     def _no_sync(self, sync: bool):
         if sync or not hasattr(self.model, "no_sync"):
@@ -166,7 +172,8 @@ class Trainer:
             if infomax is not None:
                 metrics["train.infomax_loss"] = infomax
             averages.add(metrics)
-            self.report.log((epoch + 1, iteration), metrics)
+            self.last_train_iteration = iteration
+            self.report.log((epoch, iteration), metrics)
             if stop:
                 self.stop.requested = True
                 break
@@ -196,7 +203,8 @@ class Trainer:
         """Top-1/top-5/loss over the whole validation set, every image counted once over all ranks."""
         model = model if model is not None else self.model
         model.eval()
-        totals = torch.zeros(4, dtype=torch.float64, device=self.context.device)  # loss sum, top-1, top-k, images
+        # sums of the criterion's loss and of the cross-entropy, top-1 and top-k hits, images
+        totals = torch.zeros(5, dtype=torch.float64, device=self.context.device)
         latencies, averages = [], Averages()
         steps = len(loader) if self.prof <= 0 else min(len(loader), self.prof)
         end = time.perf_counter()
@@ -206,9 +214,11 @@ class Trainer:
                 images = images.contiguous(memory_format=self.memory_format)
                 with self.precision.autocast():
                     logits = model(images)
-                loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+                cross_entropy = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+                loss = (self.val_criterion(logits.float(), labels) * images.shape[0]
+                        if self.val_criterion is not None else cross_entropy)
                 top1, topk = topk_correct(logits, labels, (1, self.topk))
-                totals += torch.stack([loss.double(), top1.double(), topk.double(),
+                totals += torch.stack([loss.double(), cross_entropy.double(), top1.double(), topk.double(),
                                        torch.tensor(float(images.shape[0]), dtype=torch.float64, device=totals.device)])
                 if self.context.device.type == "cuda":
                     torch.cuda.synchronize(self.context.device)
@@ -219,24 +229,26 @@ class Trainer:
                     f"{prefix}.top1": 100.0 * top1.item() / batch,
                     f"{prefix}.top5": 100.0 * topk.item() / batch,
                     f"{prefix}.loss": loss.item() / batch,
+                    f"{prefix}.cross_entropy": cross_entropy.item() / batch,
                     f"{prefix}.compute_ips": batch * self.context.world_size / max(compute_time, 1e-9),
                     f"{prefix}.total_ips": batch * self.context.world_size / max(compute_time + data_time, 1e-9),
                     f"{prefix}.data_time": data_time,
                     f"{prefix}.compute_latency": compute_time,
                 }
                 averages.add({k: v for k, v in metrics.items() if "ips" in k or "time" in k or "latency" in k})
-                self.report.log((epoch + 1, 0, iteration), metrics)
+                self.report.log((epoch, self.last_train_iteration, iteration), metrics)
             if iteration >= steps:
                 break
             end = time.perf_counter()
         all_reduce_sum(totals, self.context)
-        images_seen = max(totals[3].item(), 1.0)
+        images_seen = max(totals[4].item(), 1.0)
         results = averages.means()
         results.update({
-            f"{prefix}.top1": 100.0 * totals[1].item() / images_seen,
-            f"{prefix}.top5": 100.0 * totals[2].item() / images_seen,
+            f"{prefix}.top1": 100.0 * totals[2].item() / images_seen,
+            f"{prefix}.top5": 100.0 * totals[3].item() / images_seen,
             f"{prefix}.loss": totals[0].item() / images_seen,
-            f"{prefix}.images": int(totals[3].item()),
+            f"{prefix}.cross_entropy": totals[1].item() / images_seen,
+            f"{prefix}.images": int(totals[4].item()),
         })
         if latencies:
             ordered = sorted(latencies)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not dali_available(),
 
 IMAGE_SIZE = 32
 MEMORY_FORMATS = [torch.contiguous_format, torch.channels_last]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA), which this machine lacks; the CPU path is tested")
 
 
 def loaders_for(root, backend="dali-cpu", batch_size=4, **kwargs):
@@ -138,7 +138,7 @@ def test_a_decode_failure_past_the_scan_is_a_clear_error_not_a_crash(tmp_path, m
         list(val)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given without a GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU; the test checks the error a machine without one gives")
 def test_dali_gpu_without_a_gpu_says_what_to_use_instead(colour_data):
     with pytest.raises(DataError, match="dali-gpu.*needs a CUDA GPU.*dali-cpu or pytorch") as error:
         loaders_for(colour_data, backend="dali-gpu", device=None)

@@ -154,7 +154,7 @@ def test_cpu_loading_never_touches_cuda(colour_data, monkeypatch):
     list(loaders.val)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA), which this machine lacks; the CPU path is tested")
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS)
 def test_cuda_prefetcher_delivers_the_cpu_batches(colour_data, memory_format):
     cpu = loaders_for(colour_data, train=False, memory_format=memory_format).val

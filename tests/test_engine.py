@@ -65,7 +65,7 @@ def test_short_run_lowers_the_loss_and_writes_a_complete_report(data_root, tmp_p
     val_steps = [e for e in logs if isinstance(e["step"], list) and len(e["step"]) == 3]
     epochs = [e for e in logs if isinstance(e["step"], list) and len(e["step"]) == 1]
     summary = [e for e in logs if e["step"] == []]
-    assert train_steps[0]["step"] == [1, 1] and len(train_steps) == 4 * (36 // 6)
+    assert train_steps[0]["step"] == [0, 1] and len(train_steps) == 4 * (36 // 6)
     for metric in TRAIN_METRICS:
         assert metric in train_steps[0]["data"], metric
     assert {f"val.{m}" for m in VAL_METRICS} <= set(val_steps[0]["data"])
@@ -110,7 +110,7 @@ def test_resume_accepts_a_module_prefixed_checkpoint(data_root, tmp_path):
     workspace = tmp_path / "ws"
     amp = ["--amp", "--memory-format", "nhwc", "--optimizer-batch-size", "12"]
     assert run_main(tiny_run(data_root, workspace, "--epochs", "2", "--run-epochs", "1", "--training-only", *amp)) == 0
-    first = [e for e in read_report(workspace / "raport.json") if e["type"] == "LOG" and e["step"] == [1]][0]
+    first = [e for e in read_report(workspace / "raport.json") if e["type"] == "LOG" and e["step"] == [0]][0]
     assert math.isfinite(first["data"]["train.loss"])
     state = torch.load(workspace / "checkpoint.pth.tar", weights_only=True)
     state["state_dict"] = {"module." + k: v for k, v in state["state_dict"].items()}
@@ -288,7 +288,9 @@ def test_report_lines_are_dllogger_json(tmp_path):
     assert {"metric", "metadata"} <= set(metadata[0]) and "unit" in metadata[0]["metadata"]
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_cleanly(data_root, tmp_path):
+@pytest.mark.parametrize("signal_name, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_finishes_the_step_saves_and_exits_with_128_plus_it(data_root, tmp_path, signal_name, status):
+    """Also: output that is not a terminal has no progress-bar control characters."""
     import signal
     import time
 
@@ -299,12 +301,13 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(data_root, tmp_path):
     report = workspace / "raport.json"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        if report.exists() and '"step": [1, 2]' in report.read_text():
+        if report.exists() and '"step": [0, 2]' in report.read_text():
             break
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(getattr(signal, signal_name))
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
+    assert process.returncode == status, err
+    assert "\r" not in out + err and "\x1b" not in out + err
     assert "Traceback" not in err
     saved = checkpoints.load_checkpoint(workspace / "checkpoint.pth.tar")
     assert saved.epoch < 50  # the epoch in progress is repeated on resume

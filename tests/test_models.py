@@ -23,7 +23,8 @@ def release_keys(arch):
     """key -> (shape, dtype) of the release's model, from the spec's tsv."""
     path = SPEC / f"official_pedconv_{arch}_state_dict.tsv"
     if not path.exists():
-        pytest.skip(f"the spec's {path.name} is not beside the checkout ({SPEC})")
+        pytest.skip(f"the authors' key list {path.name} is not in {SPEC} (a folder beside the checkout on the "
+                    f"maintainers' machines, not part of the repository); the key check against the release is skipped")
     entries = {}
     for line in path.read_text().splitlines():
         if not line.strip() or line.startswith("#"):

@@ -272,7 +272,7 @@ def test_bfloat16_autocast_on_cpu(method):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 autocast needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 autocast needs an NVIDIA GPU (CUDA), which this machine lacks")
 def test_float16_autocast_on_cuda():
     cfg = CONFIGS["stride2"]
     layer = make_layer(cfg, "auto").cuda().train()

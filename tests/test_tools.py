@@ -34,7 +34,7 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     argv = [str(root), "--data-backend", "pytorch", "--arch", "resnet18", "--dynamic", "--wmul", "0.125",
             "--image-size", "32", "-b", "6", "--epochs", "2", "--lr", "0.05", "--use-ema", "0.9", "--device", "cpu",
-            "-j", "0", "--seed", "3", "--workspace", str(workspace), "--raport-file", "raport.json", "-p", "100"]
+            "-j", "0", "--seed", "3", "--workspace", str(workspace), "--raport-file", "raport.json", "-p", "1"]
     assert cli.main(argv) == 0
     return root, workspace
 
@@ -186,7 +186,7 @@ def test_report_plots_and_summary_from_a_small_real_report(trained, tmp_path, ca
     _, workspace = trained
     raport = workspace / "raport.json"
     run = report.load_run(str(raport))
-    assert run.model == "resnet18 PEDConv x0.125" and len(run.iterations) == 2 * (24 // 6) and sorted(run.epochs) == [1, 2]
+    assert run.model == "resnet18 PEDConv x0.125" and len(run.iterations) == 2 * (24 // 6) and sorted(run.epochs) == [0, 1]
     out = tmp_path / "plots"
     status, stdout, err = run_tool(report, [raport, raport, "--out", out, "--labels", "PEDConv", "again"], capsys)
     assert status == 0, err
