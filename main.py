@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from image_classification.affinity import MODES as AFFINITY_MODES
+
 logger = logging.getLogger("main")
 
 DEMO_DEFAULTS = dict(
@@ -21,6 +23,15 @@ DEMO_DEFAULTS = dict(
     lr=0.1, warmup=1, lr_schedule="cosine", label_smoothing=0.1, momentum=0.9, weight_decay=5e-5, workers=2,
     crop_area_min=0.35, print_freq=20, workspace="./logs/demo", raport_file="raport.json", device="cpu", interpolation="bilinear",
 )
+
+
+def _true_or_false(text: str) -> bool:
+    """NVIDIA's True|False flags; unlike their type=bool, "False" means false."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--crop-area-min", type=float, default=0.08,
                       help="smallest image-area fraction of a training random-resized crop (NVIDIA: 0.08)")
     data.add_argument("--verify-data", action="store_true", help="decode every image once first (cached); skip bad ones")
-    data.add_argument("--num-classes", type=int, default=None, help="default: the number of class folders (1000 synthetic)")
+    data.add_argument("--num-classes", "--num_classes", type=int, default=None,
+                      help="default: the number of class folders (1000 synthetic)")
 
     model = parser.add_argument_group("model")
     model.add_argument("-a", "--arch", default="resnet50", help="resnet18, resnet34, resnet50, resnet101, resnet152, resnet50d")
@@ -55,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained-weights", "--pretrained-from-file", dest="pretrained_weights", default=None,
                        metavar="PATH", help="initial weights: a state_dict, the release's or this project's checkpoint")
     model.add_argument("--memory-format", default="nchw", choices=["nchw", "nhwc"])
+    # NVIDIA's model parser (image_classification/models/resnet.py, model.py)
+    model.add_argument("--conv_init", default=None, choices=["fan_in", "fan_out"],
+                       help="Kaiming mode of the convs, replacing -c's (NVIDIA's default: fan_in)")
+    model.add_argument("--last_bn_0_init", dest="zero_init_last_bn", type=_true_or_false, default=argparse.SUPPRESS,
+                       metavar="True|False", help="NVIDIA's spelling of --zero-init-last-bn")
+    model.add_argument("--pretrained", action="store_true",
+                       help="NVIDIA's NGC download: not possible here; use --pretrained-from-file")
+    model.add_argument("--trt", default=None, metavar="True|False", help="NVIDIA's SE-layer option: not applicable")
+    model.add_argument("--fused_se", default=None, metavar="True|False", help="NVIDIA's SE-layer option: not applicable")
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--epochs", type=int, default=90)
@@ -63,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--optimizer-batch-size", type=int, default=-1,
                        help="global batch per optimizer step; accumulation = it / (world size x batch size)")
     optim.add_argument("--optimizer", default="sgd", choices=["sgd", "rmsprop"])
-    optim.add_argument("--lr", type=float, default=0.1, help="for the optimizer batch")
+    optim.add_argument("--lr", "--learning-rate", type=float, default=0.1, help="for the optimizer batch")
     optim.add_argument("--lr-schedule", default="step", choices=["step", "linear", "cosine"])
     optim.add_argument("--end-lr", type=float, default=0.0)
     optim.add_argument("--warmup", type=int, default=0, help="warmup epochs")
@@ -97,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also keep the last N epochs' checkpoints (checkpoint-<epoch>.pth.tar)")
     run.add_argument("-p", "--print-freq", type=int, default=10)
     run.add_argument("--topk", type=int, default=5)
+    run.add_argument("--early-stopping-patience", type=int, default=-1, metavar="N",
+                     help="stop after N epochs without a better validation top-1 (-1: never)")
+    run.add_argument("--gpu-affinity", default="none", choices=AFFINITY_MODES,
+                     help="pin each process to CPUs near its device, from the NUMA layout in /sys (NVIDIA's modes)")
+    run.add_argument("--jit", default="no", choices=["no", "script"], help="script: run the model as TorchScript "
+                     "(static models only)")
+    run.add_argument("--compile", action="store_true", help="run the model through torch.compile")
     run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -114,7 +142,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return run_parsed(parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run parsed arguments (main.py's, or launch.py's recipe with the command line over it); the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     from image_classification.runner import UserError, run
 
