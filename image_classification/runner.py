@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import re
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -130,6 +131,14 @@ def _initial_weights(args) -> Optional[checkpoints.Checkpoint]:
     return checkpoint
 
 
+def _resumed_classes(args, checkpoint: Optional[checkpoints.Checkpoint]) -> Optional[int]:
+    """A resumed or evaluated checkpoint keeps its classifier (NVIDIA's weights have 1000 classes whatever the
+    data folder holds); weights to fine-tune take the data's class count unless --num-classes says otherwise."""
+    if checkpoint is None or not (args.resume or args.evaluate):
+        return None
+    return checkpoint.arch.get("num_classes")
+
+
 def _build_model(args, num_classes: int, checkpoint: Optional[checkpoints.Checkpoint]) -> nn.Module:
     try:
         model = build_model(args.arch, args.dynamic, num_classes, args.wmul, config=_model_config(args),
@@ -162,11 +171,13 @@ def _forward_module(args, model: nn.Module) -> nn.Module:
         raise UserError("--jit script: PEDConv layers do not compile with TorchScript (their gates and fast paths "
                         "are Python); use --compile (torch.compile) or leave --jit out")
     try:
-        scripted = torch.jit.script(model)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
+            scripted = torch.jit.script(model)
     except Exception as error:  # TorchScript raises many types for code it cannot compile
         raise UserError(f"--jit script: {args.arch} does not compile with TorchScript ("
                         f"{str(error).strip().splitlines()[0][:200]})") from None
-    logger.info("--jit script: the model runs as TorchScript")
+    logger.info("--jit script: the model runs as TorchScript (which PyTorch deprecates; --compile is its successor)")
     return scripted
 
 
@@ -220,7 +231,7 @@ def _run(args, context: distributed.Context) -> int:
 
     checkpoint = _initial_weights(args)
     loaders = _loaders(args, context, memory_format)
-    num_classes = args.num_classes or (len(loaders.classes) if loaders.classes else 1000)
+    num_classes = args.num_classes or _resumed_classes(args, checkpoint) or (len(loaders.classes) if loaders.classes else 1000)
     model = _build_model(args, num_classes, checkpoint)
     summary = summarize(model, args.image_size)  # on the CPU, before the model moves
     model = model.to(context.device, memory_format=memory_format)
