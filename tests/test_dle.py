@@ -132,6 +132,10 @@ def test_main_resumes_and_starts_from_nvidia_checkpoints(nvidia, data_root, tmp_
                          "--pretrained-from-file", nvidia["bare"])) == 0
     _, _, val_steps, epochs = report_lines(evaluated / "raport.json")
     assert val_steps and epochs[-1]["data"]["val.images"] == 6
+    # their README's evaluation of a checkpoint: --evaluate --epochs 1 --resume (their code refuses it: epoch 3 >= 1)
+    assert run_main(tiny(data_root, tmp_path / "resume_evaluated", "--arch", "resnet50", "-b", "3", "--evaluate",
+                         "--epochs", "1", "--resume", nvidia["full"])) == 0
+    assert not list((tmp_path / "resume_evaluated").glob("*.pth.tar"))
 
 
 def test_classify_and_export_onnx_read_an_nvidia_checkpoint(nvidia, tmp_path, capsys):
@@ -247,6 +251,7 @@ def test_nvidia_readme_command_line_runs_unchanged_given_a_data_path(data_root, 
     assert (args.arch, args.dynamic, args.batch_size, args.optimizer_batch_size, args.lr) == ("resnet50", False, 256, 2048, 2.048)
     assert (args.amp, args.static_loss_scale, args.memory_format, args.workers, args.prefetch) == (True, 128, "nhwc", 10, 4)
     assert (args.gpu_affinity, args.epochs, args.print_freq, args.num_classes) == ("socket_unique_contiguous", 250, 20, 1000)
+    assert (args.conv_init, args.model_config, args.data_backend) == ("fan_in", None, "pytorch")  # as their model
     assert (args.save_checkpoints, args.evaluate, args.training_only, args.mixup) == (True, False, False, 0.2)
     # and it runs (narrowed to one step of each phase on small images); AMP is bfloat16 on this CPU
     env = dict(os.environ, OMP_NUM_THREADS="1")
