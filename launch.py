@@ -44,7 +44,8 @@ def read_config(path) -> Dict[str, Any]:
         raise RecipeError(f"{path}: cannot read: {error.strerror or error}") from None
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    missing = [key for key in ("precision", "platform", "mode", "models") if not isinstance((config or {}).get(key), dict)]
+    sections = ("precision", "platform", "mode", "models")
+    missing = [key for key in sections if not isinstance((config or {}).get(key), dict)]
     if missing:
         raise RecipeError(f"{path}: no {', '.join(missing)} section (see configs.yml)")
     return config
@@ -81,11 +82,13 @@ def auto_workers() -> int:
 
 def _recipe_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch.py", add_help=False, allow_abbrev=False)
-    parser.add_argument("--cfg_file", default=None, metavar="FILE", help="recipes (default: configs.yml beside launch.py)")
+    parser.add_argument("--cfg_file", default=None, metavar="FILE",
+                        help="recipes (default: configs.yml beside launch.py)")
     parser.add_argument("--model", default=None, help="a recipe name under models: (resnet50, pedconv-resnet18, ...)")
     parser.add_argument("--precision", default=None, help="AMP | FP32 | TF32")
     parser.add_argument("--mode", default=None,
-                        help="convergence | benchmark_training | benchmark_training_short | benchmark_inference | evaluate")
+                        help="convergence | benchmark_training | benchmark_training_short | benchmark_inference | "
+                             "evaluate")
     parser.add_argument("--platform", default=None, help="DGX1V | DGX1V-16G | DGX1V-32G | DGX2V | DGXA100 | T4 | CPU")
     return parser
 

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained", action="store_true",
                        help="NVIDIA's NGC download: not possible here; use --pretrained-from-file")
     model.add_argument("--trt", default=None, metavar="True|False", help="NVIDIA's SE-layer option: not applicable")
-    model.add_argument("--fused_se", default=None, metavar="True|False", help="NVIDIA's SE-layer option: not applicable")
+    model.add_argument("--fused_se", default=None, metavar="True|False",
+                       help="NVIDIA's SE-layer option: not applicable")
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--epochs", type=int, default=90)

@@ -185,8 +185,8 @@ def _save(args, context, trainer: Trainer, epoch: int, best_top1: Optional[float
           classes=None) -> None:
     if not (args.save_checkpoints and context.is_main) or args.evaluate:
         return
-    state = checkpoints.make_checkpoint(trainer.inner_model, epoch, trainer.optimizer, trainer.precision.scaler, best_top1,
-                                        ema.module if ema is not None else None, checkpoints.capture_rng())
+    state = checkpoints.make_checkpoint(trainer.inner_model, epoch, trainer.optimizer, trainer.precision.scaler,
+                                        best_top1, ema.module if ema is not None else None, checkpoints.capture_rng())
     if classes:
         state["classes"] = list(classes)  # class names in label order, for classify.py
     path = os.path.join(args.workspace, args.checkpoint_filename)
@@ -231,7 +231,8 @@ def _run(args, context: distributed.Context) -> int:
 
     checkpoint = _initial_weights(args)
     loaders = _loaders(args, context, memory_format)
-    num_classes = args.num_classes or _resumed_classes(args, checkpoint) or (len(loaders.classes) if loaders.classes else 1000)
+    num_classes = (args.num_classes or _resumed_classes(args, checkpoint)
+                   or (len(loaders.classes) if loaders.classes else 1000))
     model = _build_model(args, num_classes, checkpoint)
     summary = summarize(model, args.image_size)  # on the CPU, before the model moves
     model = model.to(context.device, memory_format=memory_format)

@@ -25,7 +25,8 @@ def nvidia_resnet50_shapes(num_classes: int = 1000) -> List[Tuple[str, Tuple[int
     entries: List[Tuple[str, Tuple[int, ...]]] = []
 
     def bn(name, channels):
-        entries.extend((f"{name}.{entry}", () if entry == "num_batches_tracked" else (channels,)) for entry in BN_ENTRIES)
+        for entry in BN_ENTRIES:
+            entries.append((f"{name}.{entry}", () if entry == "num_batches_tracked" else (channels,)))
 
     entries.append(("conv1.weight", (64, 3, 7, 7)))
     bn("bn1", 64)

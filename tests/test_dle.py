@@ -230,10 +230,10 @@ def test_launch_every_mode_on_the_cpu(data_root, tmp_path, mode):
     params, train_steps, val_steps, epochs = report_lines(workspace / "raport.json")
     recipe = params[0]
     # the authors' recipe under the command line's flags
-    assert (recipe["arch"], recipe["dynamic"], recipe["lr"], recipe["optimizer_batch_size"]) == ("resnet18", True, 0.512, 512)
-    assert (recipe["mixup"], recipe["label_smoothing"], recipe["lr_schedule"], recipe["warmup"]) == (0.2, 0.1, "cosine", 8)
-    assert (recipe["momentum"], recipe["weight_decay"], recipe["augmentation"]) == (0.875, 3.0517578125e-05, "autoaugment")
-    assert (recipe["device"], recipe["epochs"], recipe["batch_size"], recipe["wmul"]) == ("cpu", 1, 4, 0.125)
+    expected = dict(arch="resnet18", dynamic=True, lr=0.512, optimizer_batch_size=512, mixup=0.2, label_smoothing=0.1,
+                    lr_schedule="cosine", warmup=8, momentum=0.875, weight_decay=3.0517578125e-05,
+                    augmentation="autoaugment", device="cpu", epochs=1, batch_size=4, wmul=0.125)
+    assert {key: recipe[key] for key in expected} == expected
     assert recipe["recipe"].startswith(f"pedconv-resnet18/CPU/FP32/{mode}")
     training = mode in ("convergence", "benchmark_training", "benchmark_training_short")
     validating = mode in ("convergence", "benchmark_inference", "evaluate")
@@ -248,15 +248,17 @@ def test_nvidia_readme_command_line_runs_unchanged_given_a_data_path(data_root, 
     command = ["--model", "resnet50", "--precision", "AMP", "--mode", "convergence", "--platform", "DGXA100",
                str(data_root), "--workspace", str(tmp_path), "--raport-file", "raport.json"]
     args = launch.build_args(command)
-    assert (args.arch, args.dynamic, args.batch_size, args.optimizer_batch_size, args.lr) == ("resnet50", False, 256, 2048, 2.048)
-    assert (args.amp, args.static_loss_scale, args.memory_format, args.workers, args.prefetch) == (True, 128, "nhwc", 10, 4)
-    assert (args.gpu_affinity, args.epochs, args.print_freq, args.num_classes) == ("socket_unique_contiguous", 250, 20, 1000)
-    assert (args.conv_init, args.model_config, args.data_backend) == ("fan_in", None, "pytorch")  # as their model
-    assert (args.save_checkpoints, args.evaluate, args.training_only, args.mixup) == (True, False, False, 0.2)
+    expected = dict(arch="resnet50", dynamic=False, batch_size=256, optimizer_batch_size=2048, lr=2.048, amp=True,
+                    static_loss_scale=128, memory_format="nhwc", workers=10, prefetch=4, epochs=250, print_freq=20,
+                    gpu_affinity="socket_unique_contiguous", num_classes=1000, save_checkpoints=True, evaluate=False,
+                    training_only=False, mixup=0.2, data_backend="pytorch",
+                    conv_init="fan_in", model_config=None)  # their ResNet's default init
+    assert {key: getattr(args, key) for key in expected} == expected
     # and it runs (narrowed to one step of each phase on small images); AMP is bfloat16 on this CPU
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(ROOT / "launch.py"), *command, "--epochs", "1", "--prof", "1", "-b", "2",
-                             "--image-size", "32", "-j", "1"], capture_output=True, text=True, env=env, timeout=300)
+    narrowed = ["--epochs", "1", "--prof", "1", "-b", "2", "--image-size", "32", "-j", "1"]
+    result = subprocess.run([sys.executable, str(ROOT / "launch.py"), *command, *narrowed], capture_output=True,
+                            text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--gpu-affinity socket_unique_contiguous: " in result.stdout
     assert checkpoints.load_checkpoint(tmp_path / "checkpoint.pth.tar").state_dict["fc.weight"].shape == (1000, 2048)
@@ -267,9 +269,10 @@ def test_nvidia_readme_command_line_runs_unchanged_given_a_data_path(data_root, 
      "--model resnet50 has no TF32 recipe on CPU; its precisions there: AMP, FP32"),
     (["--model", "resnet18", "--precision", "AMP", "--mode", "convergence", "--platform", "CPU", "DATA"],
      "unknown --model 'resnet18'; valid: resnet50, pedconv-resnet18, pedconv-resnet50"),
-    (["--model", "resnet50", "--precision", "AMP", "--mode", "train", "--platform", "CPU", "DATA"], "unknown --mode 'train'"),
-    (["--model", "resnet50", "--precision", "AMP", "--mode", "convergence", "--platform", "CPU", "DATA", "--bogus", "1"],
-     "unrecognized arguments: --bogus 1"),
+    (["--model", "resnet50", "--precision", "AMP", "--mode", "train", "--platform", "CPU", "DATA"],
+     "unknown --mode 'train'"),
+    (["--model", "resnet50", "--precision", "AMP", "--mode", "convergence", "--platform", "CPU", "DATA",
+      "--bogus", "1"], "unrecognized arguments: --bogus 1"),
     (["--model", "resnet50", "--precision", "AMP", "--mode", "convergence", "DATA"], "--platform required"),
 ])
 def test_launch_bad_choices_are_one_line_errors(argv, message, data_root, capsys):
@@ -326,7 +329,8 @@ def test_every_nvidia_flag_parses():
                     conv_init="fan_in", pretrained_weights="w.pth", pretrained=True, trt="False", fused_se="True")
     assert {key: getattr(args, key) for key in expected} == expected
     assert cli.parse_args(["/d", "--last_bn_0_init", "False"]).zero_init_last_bn is False  # their type=bool said True
-    assert cli.parse_args(["/d"]).zero_init_last_bn is False and cli.parse_args(["/d", "--zero-init-last-bn"]).zero_init_last_bn
+    assert cli.parse_args(["/d"]).zero_init_last_bn is False
+    assert cli.parse_args(["/d", "--zero-init-last-bn"]).zero_init_last_bn
 
 
 @pytest.mark.parametrize("extra, message", [
