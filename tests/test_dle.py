@@ -97,8 +97,11 @@ def test_checkpoint2model_writes_torchvision_names_that_torchvision_loads(nvidia
     reference.load_state_dict(state)  # strict: torchvision's own names and shapes
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(reference.eval()(images), nvidia_resnet50_forward(nvidia["state"], images),
-                                   rtol=1e-4, atol=1e-4)
+        expected = reference.eval()(images)
+        torch.testing.assert_close(expected, nvidia_resnet50_forward(nvidia["state"], images), rtol=1e-4, atol=1e-4)
+        # and torchvision's ResNet-50 weights (this file is one) load here with torchvision's logits
+        ours = checkpoints.load_checkpoint(out).build_model().eval()
+        torch.testing.assert_close(ours(images), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_their_optimizer_state_lands_on_the_same_parameters(nvidia):
