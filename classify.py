@@ -33,7 +33,8 @@ def build_parser() -> ToolParser:
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files")
     parser.add_argument("--image", action="append", default=[], metavar="IMAGE",
                         help="an image file (NVIDIA's flag; may be repeated)")
-    parser.add_argument("--pretrained-from-file", "--pretrained-weights", "--checkpoint", dest="checkpoint",
+    parser.add_argument("--pretrained-from-file", "--pretrained-weights", "--checkpoint", "--weights",
+                        dest="checkpoint",
                         required=True, metavar="PATH", help="a checkpoint: this project's, the release's, a state_dict")
     parser.add_argument("-a", "--arch", default=None, help="checked against the checkpoint (optional)")
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
@@ -46,6 +47,8 @@ def build_parser() -> ToolParser:
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("-b", "--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--cpu", dest="device", action="store_const", const="cpu",
+                        help="NVIDIA's spelling of --device cpu")
     parser.add_argument("--amp", action="store_true", help="float16 autocast on CUDA, bfloat16 on the CPU")
     parser.add_argument("--precision", choices=["FP32", "AMP"], default=None,
                         help="NVIDIA's spelling: AMP is --amp")

@@ -16,6 +16,8 @@ import logging
 import os
 import sys
 
+from image_classification.affinity import MODES as AFFINITY_MODES
+
 logger = logging.getLogger("main")
 
 DEMO_DEFAULTS = dict(
@@ -43,6 +45,15 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {default})"
 
 
+def _true_or_false(text: str) -> bool:
+    """NVIDIA's True|False flags; unlike their type=bool, "False" means false."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="PEDConv / ResNet ImageNet training (NVIDIA DLE command line)",
                                      allow_abbrev=True, formatter_class=HelpFormatter)
@@ -66,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--crop-area-min", type=float, default=0.08,
                       help="smallest image-area fraction of a training random-resized crop (NVIDIA: 0.08)")
     data.add_argument("--verify-data", action="store_true", help="decode every image once first (cached); skip bad ones")
-    data.add_argument("--num-classes", type=int, default=None,
+    data.add_argument("--num-classes", "--num_classes", type=int, default=None,
                       help="number of classes (default: the number of class folders; 1000 for synthetic data)")
 
     model = parser.add_argument_group("model")
@@ -84,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="PATH", help="initial weights: a state_dict, the release's or this project's checkpoint")
     model.add_argument("--memory-format", default="nchw", choices=["nchw", "nhwc"],
                        help="memory layout (nhwc: channels_last)")
+    # NVIDIA's model parser (image_classification/models/resnet.py, model.py)
+    model.add_argument("--conv_init", default=None, choices=["fan_in", "fan_out"],
+                       help="Kaiming mode of the convs, replacing -c's (NVIDIA's default: fan_in)")
+    model.add_argument("--last_bn_0_init", dest="zero_init_last_bn", type=_true_or_false, default=argparse.SUPPRESS,
+                       metavar="True|False", help="NVIDIA's spelling of --zero-init-last-bn")
+    model.add_argument("--pretrained", action="store_true",
+                       help="NVIDIA's NGC download: not possible here; use --pretrained-from-file")
+    model.add_argument("--trt", default=None, metavar="True|False", help="NVIDIA's SE-layer option: not applicable")
+    model.add_argument("--fused_se", default=None, metavar="True|False",
+                       help="NVIDIA's SE-layer option: not applicable")
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--epochs", type=int, default=90, help="epochs of the whole schedule")
@@ -93,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="global batch per optimizer step; accumulation = it / (world size x batch size); "
                             "-1: world size x batch size")
     optim.add_argument("--optimizer", default="sgd", choices=["sgd", "rmsprop"], help="optimizer")
-    optim.add_argument("--lr", type=float, default=0.1, help="learning rate for the optimizer batch")
+    optim.add_argument("--lr", "--learning-rate", type=float, default=0.1, help="learning rate for the optimizer batch")
     optim.add_argument("--lr-schedule", default="step", choices=["step", "linear", "cosine"],
                        help="per-epoch schedule after the warmup (step: x0.1 at epochs 30, 60, 80)")
     optim.add_argument("--end-lr", type=float, default=0.0, help="final learning rate of the cosine schedule")
@@ -139,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--print-freq", type=int, default=10,
                      help="report (and, without a terminal, print) one line every N iterations")
     run.add_argument("--topk", type=int, default=5, help="k of the top-k accuracy")
+    run.add_argument("--early-stopping-patience", type=int, default=-1, metavar="N",
+                     help="stop after N epochs without a better validation top-1 (-1: never)")
+    run.add_argument("--gpu-affinity", default="none", choices=AFFINITY_MODES,
+                     help="pin each process to CPUs near its device, from the NUMA layout in /sys (NVIDIA's modes)")
+    run.add_argument("--jit", default="no", choices=["no", "script"], help="script: run the model as TorchScript "
+                     "(static models only)")
+    run.add_argument("--compile", action="store_true", help="run the model through torch.compile")
     run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -203,6 +231,11 @@ def main(argv=None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    return run_parsed(args)
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run parsed arguments (main.py's, or launch.py's recipe with the command line over it); the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     from image_classification.runner import UserError, run
 
@@ -220,8 +253,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     status = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from image_classification.distributed import exit_process
+    from image_classification.distributed import exit_with
 
-        exit_process(status)  # see exit_process: no interpreter shutdown beside the process group's threads
-    sys.exit(status)
+    exit_with(status)  # a rank of several leaves without the interpreter's shutdown (see exit_process)

@@ -29,6 +29,7 @@ def main() -> int:
             "nvidia.dali.fn").decoders.image_random_crop,
         "nvidia.dali.auto_aug.auto_augment": lambda: importlib.import_module("nvidia.dali.auto_aug.auto_augment"),
         "nvidia.dali.plugin.pytorch": lambda: importlib.import_module("nvidia.dali.plugin.pytorch"),
+        "PyYAML (launch.py's configs.yml)": lambda: importlib.import_module("yaml").safe_load,
         "scikit-learn (demo data)": lambda: importlib.import_module("sklearn.datasets").load_digits,
         "pedconv, dataloading, image_classification": lambda: [
             importlib.import_module(name) for name in ("pedconv", "dataloading", "image_classification")],

@@ -18,7 +18,10 @@ only; numpy scalars and arrays are accepted as data, a file that needs any other
        'state_dict_ema': the EMA model's state_dict (unprefixed) or None,
        'rng': {'torch': ByteTensor, 'cuda': [ByteTensor...], 'python': tuple, 'numpy': tuple} or None}
 
-``module.`` (DDP, DataParallel) and ``_orig_mod.`` (torch.compile) prefixes are removed from every state_dict.
+``module.`` (DDP, DataParallel) and ``_orig_mod.`` (torch.compile) prefixes are removed from every state_dict, and
+NVIDIA DLE's ResNet names (``layers.0.1.conv2.weight``: their stages are one ``nn.Sequential`` called ``layers``)
+become torchvision's (``layer1.1.conv2.weight``), so their checkpoints and ``checkpoint2model.py`` outputs load too;
+their optimizer state is matched to this project's parameters by :func:`load_foreign_optimizer_state`.
 A checkpoint's architecture is taken from its keys and shapes (:func:`infer_arch`): PEDConv layers are recognized
 by their ``attn.fc_share`` weights, so a PEDConv checkpoint builds a PEDConv model without being told; the depth
 from the blocks per stage, the width multiplier from the block widths, the classes from ``fc.weight``.
@@ -158,6 +161,18 @@ def strip_prefixes(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     return dict(zip(keys, state_dict.values()))
 
 
+NVIDIA_STAGE = re.compile(r"^layers\.(\d+)\.")
+
+
+def from_nvidia_names(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """NVIDIA DLE's ResNet keys (``layers.<stage>.<block>.*``, stages from 0) in torchvision's names
+    (``layer<stage + 1>.<block>.*``); any other state_dict is returned as it is. The rest of their ResNet-50 layout
+    (``conv1``, ``bn1``, blocks' ``conv1..3``/``bn1..3``, ``downsample.0/.1``, ``fc``) is torchvision's already."""
+    if not any(NVIDIA_STAGE.match(key) for key in state_dict) or any(key.startswith("layer1.") for key in state_dict):
+        return state_dict
+    return {NVIDIA_STAGE.sub(lambda m: f"layer{int(m.group(1)) + 1}.", key): value for key, value in state_dict.items()}
+
+
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in obj.items()
@@ -169,12 +184,12 @@ def load_checkpoint(path: str, map_location="cpu") -> Checkpoint:
     path = os.fspath(path)
     obj = read_file(path, map_location)
     if _is_state_dict(obj):
-        state = strip_prefixes(obj)
+        state = from_nvidia_names(strip_prefixes(obj))
         return Checkpoint(path, "state_dict", state, infer_arch(state))
     if not isinstance(obj, dict) or not _is_state_dict(obj.get("state_dict")):
         what = f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
         raise CheckpointError(f"{path}: not a checkpoint: holds {what}, neither a state_dict nor a 'state_dict' entry")
-    state = strip_prefixes(obj["state_dict"])
+    state = from_nvidia_names(strip_prefixes(obj["state_dict"]))
     arch = infer_arch(state)
     stored = obj.get("arch")
     fmt = "release"
@@ -194,7 +209,7 @@ def load_checkpoint(path: str, map_location="cpu") -> Checkpoint:
         best_prec1=_as_float(obj.get("best_prec1")),
         optimizer=obj.get("optimizer"),
         scaler=obj.get("scaler"),
-        state_dict_ema=strip_prefixes(ema) if _is_state_dict(ema) else None,
+        state_dict_ema=from_nvidia_names(strip_prefixes(ema)) if _is_state_dict(ema) else None,
         rng=obj.get("rng"),
         extra={key: value for key, value in obj.items() if key not in known},
     )
@@ -297,12 +312,87 @@ def mismatch_message(model: nn.Module, state_dict: Dict[str, torch.Tensor], stri
 
 def load_model_state(model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
     """``model.load_state_dict`` after removing wrapper prefixes; CheckpointError (a few lines) on a mismatch."""
-    state = strip_prefixes(state_dict)
+    state = from_nvidia_names(strip_prefixes(state_dict))
     message = mismatch_message(model, state, strict)
     if message:
         raise CheckpointError(message)
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def gate_generator_keys(model: nn.Module) -> List[str]:
+    """The state_dict keys of the PEDConv layers' gate generators and info-max decoders (``*.attn.*``): the
+    tensors a static model has no counterpart for."""
+    from pedconv import PEDConv2d
+
+    prefixes = tuple(f"{name}.attn." for name, module in model.named_modules() if isinstance(module, PEDConv2d))
+    return [key for key in model.state_dict() if prefixes and key.startswith(prefixes)]
+
+
+def load_static_into_pedconv(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    """Start a PEDConv model from a static one: every static conv weight becomes the PEDConv layer's base kernel
+    ``W0`` (both are called ``weight``), every other tensor (stem, BatchNorms with their statistics, shortcuts,
+    classifier) is copied as it is, and the gate generators keep the values they have (their initialization).
+
+    Returns the gate-generator keys left as they were. CheckpointError when anything but those keys is missing,
+    unexpected or of another shape (e.g. a different depth or width), as :func:`load_model_state` would say.
+    """
+    state = from_nvidia_names(strip_prefixes(state_dict))
+    own = model.state_dict()
+    kept = [key for key in gate_generator_keys(model) if key not in state]
+    merged = {**state, **{key: own[key] for key in kept}}
+    load_model_state(model, merged)
+    return kept
+
+
+OPTIMIZER_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def load_foreign_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, checkpoint: "Checkpoint") -> int:
+    """Load the optimizer state of a checkpoint written by NVIDIA DLE's (or the authors' release's) code into
+    ``optimizer`` (built for ``model`` by :func:`image_classification.optim.build_optimizer`); returns how many
+    parameters got their state.
+
+    Their optimizer numbers parameters in its own groups: the parameters whose name contains "bn", then the others
+    (one group with ``--bn-weight-decay``), each in ``named_parameters`` order, which is the order of the
+    checkpoint's state_dict without its buffers. That order gives each state entry its parameter name here; an
+    entry is kept when the names and the shapes of its tensors match, and the per-parameter state (momentum and
+    the like) is loaded while this optimizer keeps its own groups and hyperparameters.
+    """
+    saved = checkpoint.optimizer
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and saved.get("param_groups")):
+        return 0
+    kind = {"alpha", "centered", "dampening", "nesterov"}  # SGD's group keys, RMSprop's
+    if kind & set(saved["param_groups"][0]) != kind & set(optimizer.param_groups[0]):
+        return 0  # another optimizer type: its state means something else
+    own_params = dict(unwrap(model).named_parameters())
+    names = [key for key in checkpoint.state_dict if key in own_params]
+    indices = [index for group in saved["param_groups"] for index in group["params"]]
+    sizes = [len(group["params"]) for group in saved["param_groups"]]
+    with_bn = [name for name in names if "bn" in name]
+    orders = [names]
+    if sizes == [len(with_bn), len(names) - len(with_bn)]:
+        orders.insert(0, with_bn + [name for name in names if "bn" not in name])
+    best: Dict[str, Any] = {}
+    for order in orders:
+        if len(order) == len(indices):
+            state = {name: saved["state"][index] for name, index in zip(order, indices) if index in saved["state"]}
+            state = {name: entry for name, entry in state.items() if _state_fits(entry, own_params[name])}
+            best = state if len(state) > len(best) else best
+    number = {id(param): index for index, param in
+              enumerate(param for group in optimizer.param_groups for param in group["params"])}
+    current = optimizer.state_dict()
+    current["state"] = {number[id(own_params[name])]: entry for name, entry in best.items()
+                        if id(own_params[name]) in number}
+    optimizer.load_state_dict(current)
+    return len(current["state"])
+
+
+def _state_fits(entry: Any, param: torch.Tensor) -> bool:
+    """True if every non-scalar tensor of one parameter's optimizer state has the parameter's shape."""
+    return isinstance(entry, dict) and all(
+        value.shape == param.shape for value in entry.values() if isinstance(value, torch.Tensor) and value.dim() > 0
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -84,6 +84,14 @@ def shutdown(context: Optional[Context], wait_for_all: bool = False) -> None:
     dist.destroy_process_group()
 
 
+def exit_with(status: int) -> NoReturn:
+    """``sys.exit(status)``; a process that is one rank of several (WORLD_SIZE > 1) leaves through
+    `exit_process` instead."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_process(status)
+    sys.exit(status)
+
+
 def exit_process(status: int) -> NoReturn:
     """End a process that joined a process group, without the interpreter's shutdown.
 

@@ -153,6 +153,7 @@ class BasicBlock(nn.Module):
     """Two 3x3 convs (the first strided) and a shortcut; torchvision's names."""
 
     expansion = 1
+    __jit_unused_properties__ = ["last_bn"]  # Python-side only; lets torch.jit.script compile the block (--jit script)
 
     def __init__(self, in_channels: int, width: int, out_channels: int, stride: int, conv: ConvFactory,
                  avg_down: bool = False) -> None:
@@ -180,6 +181,7 @@ class Bottleneck(nn.Module):
     """1x1, 3x3 (strided: ResNet v1.5), 1x1 convs and a shortcut; torchvision's names."""
 
     expansion = 4
+    __jit_unused_properties__ = ["last_bn"]
 
     def __init__(self, in_channels: int, width: int, out_channels: int, stride: int, conv: ConvFactory,
                  avg_down: bool = False) -> None:
@@ -236,6 +238,8 @@ class ResNet(nn.Module):
         pedconv_kwargs: passed to every :class:`pedconv.PEDConv2d` (``reduction``, ``rank``, ``noise_std``,
             ``info_max``, ``method``).
     """
+
+    __constants__ = ["deep_stem"]  # lets torch.jit.script drop the branch of the stem this model lacks
 
     def __init__(
         self,

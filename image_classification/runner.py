@@ -2,22 +2,24 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import random
 import signal
+import warnings
 from typing import List, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoints, distributed, workspace
+from . import affinity, checkpoints, distributed, workspace
 from .allocator import configure_malloc
 from .dllog import Report, metric_names
 from .ema import EMA
 from .losses import Mixup, SoftTargetCrossEntropy
-from .models import ARCHITECTURES, build_model, set_pedconv_method
+from .models import ARCHITECTURES, build_model, default_config, get_config, set_pedconv_method
 from .optim import build_optimizer, lr_schedule
 from .summary import format_summary, summarize
 from .tools import DEFAULT_PREPROCESSING, checkpoint_preprocessing
@@ -49,6 +51,36 @@ def _check_args(args, context: distributed.Context) -> int:
         raise UserError(f"--optimizer-batch-size {args.optimizer_batch_size} is not a multiple of world size x batch "
                         f"size ({context.world_size} x {args.batch_size} = {per_step})")
     return args.optimizer_batch_size // per_step
+
+
+def _check_nvidia_flags(args) -> None:
+    """NVIDIA DLE's flags that cannot apply here: one-line errors saying why (and what to use instead)."""
+    if args.pretrained:
+        raise UserError("--pretrained downloads NVIDIA's weights from NGC, and nothing is downloaded at run time here: "
+                        "download the file yourself and pass --pretrained-from-file PATH")
+    for flag, value in (("--trt", args.trt), ("--fused_se", args.fused_se)):
+        if value is not None:
+            raise UserError(f"{flag}: not applicable to these models (it configures NVIDIA's squeeze-and-excitation "
+                            "layers, which these ResNets do not have)")
+    if args.jit == "script" and args.compile:
+        raise UserError("--jit script and --compile exclude each other: give one")
+    if args.early_stopping_patience > 0 and args.training_only:
+        raise UserError("--early-stopping-patience needs validation (a better top-1): drop --training-only")
+
+
+def _model_config(args):
+    """-c/--model-config (or the default for the model), its conv init replaced by NVIDIA's --conv_init if given."""
+    if args.conv_init is None:
+        return args.model_config
+    name = args.model_config or default_config(args.dynamic)
+    try:
+        config = get_config(name)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if args.model_config and config.conv_mode != args.conv_init:
+        raise UserError(f"-c {args.model_config} initializes convs {config.conv_mode}, --conv_init says "
+                        f"{args.conv_init}: give one of them")
+    return dataclasses.replace(config, conv_mode=args.conv_init)
 
 
 def _seed(seed: Optional[int], rank: int, deterministic: bool) -> None:
@@ -111,9 +143,17 @@ def _choose_preprocessing(args, checkpoint: Optional[checkpoints.Checkpoint]) ->
     args.image_size, args.interpolation = chosen["image_size"], chosen["interpolation"]
 
 
+def _resumed_classes(args, checkpoint: Optional[checkpoints.Checkpoint]) -> Optional[int]:
+    """A resumed or evaluated checkpoint keeps its classifier (NVIDIA's weights have 1000 classes whatever the
+    data folder holds); weights to fine-tune take the data's class count unless --num-classes says otherwise."""
+    if checkpoint is None or not (args.resume or args.evaluate):
+        return None
+    return checkpoint.arch.get("num_classes")
+
+
 def _build_model(args, num_classes: int, checkpoint: Optional[checkpoints.Checkpoint]) -> nn.Module:
     try:
-        model = build_model(args.arch, args.dynamic, num_classes, args.wmul, config=args.model_config,
+        model = build_model(args.arch, args.dynamic, num_classes, args.wmul, config=_model_config(args),
                             zero_init_last_bn=args.zero_init_last_bn)
     except ValueError as error:
         raise UserError(str(error)) from None
@@ -121,7 +161,13 @@ def _build_model(args, num_classes: int, checkpoint: Optional[checkpoints.Checkp
         set_pedconv_method(model, args.pedconv_method)
     if checkpoint is not None:
         try:
-            checkpoints.load_model_state(model, checkpoint.state_dict)
+            if args.dynamic and not checkpoint.arch.get("dynamic") and not args.resume:
+                kept = checkpoints.load_static_into_pedconv(model, checkpoint.state_dict)
+                logger.info("%s is a static model: its conv weights start the PEDConv layers' W0, every other layer "
+                            "is copied, and the gate generators (%d tensors) keep their initialization",
+                            checkpoint.path, len(kept))
+            else:
+                checkpoints.load_model_state(model, checkpoint.state_dict)
         except checkpoints.CheckpointError as error:
             raise UserError(f"{checkpoint.path} does not fit {args.arch}"
                             f"{' (PEDConv)' if args.dynamic else ''}: {error}") from None
@@ -137,14 +183,33 @@ def _preprocessing(args) -> dict:
             "resize": "shorter side to image_size + 32, centre crop"}
 
 
+def _forward_module(args, model: nn.Module) -> nn.Module:
+    """The module that runs the forward passes: ``model`` itself, or (``--jit script``) its TorchScript version,
+    which shares its parameters, so checkpoints and EMA keep reading ``model``."""
+    if args.jit != "script":
+        return model
+    if args.dynamic:
+        raise UserError("--jit script: PEDConv layers do not compile with TorchScript (their gates and fast paths "
+                        "are Python); use --compile (torch.compile) or leave --jit out")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
+            scripted = torch.jit.script(model)
+    except Exception as error:  # TorchScript raises many types for code it cannot compile
+        raise UserError(f"--jit script: {args.arch} does not compile with TorchScript ("
+                        f"{str(error).strip().splitlines()[0][:200]})") from None
+    logger.info("--jit script: the model runs as TorchScript (which PyTorch deprecates; --compile is its successor)")
+    return scripted
+
+
 def _save(args, context, trainer: Trainer, epoch: int, best_top1: Optional[float], is_best: bool, ema,
           classes=None, *, numbered: bool = True) -> None:
     """Write the checkpoints of ``epoch`` epochs done: NVIDIA's ``checkpoint_<epoch-1:04>.pth.tar`` (kept for the last
     ``--gather-checkpoints`` epochs), ``--checkpoint-filename`` and, on a new best top-1, ``model_best.pth.tar``."""
     if not (args.save_checkpoints and context.is_main) or args.evaluate:
         return
-    state = checkpoints.make_checkpoint(trainer.model, epoch, trainer.optimizer, trainer.precision.scaler, best_top1,
-                                        ema.module if ema is not None else None, checkpoints.capture_rng())
+    state = checkpoints.make_checkpoint(trainer.inner_model, epoch, trainer.optimizer, trainer.precision.scaler,
+                                        best_top1, ema.module if ema is not None else None, checkpoints.capture_rng())
     if classes:
         state["classes"] = list(classes)  # class names in label order, for classify.py
     state["preprocessing"] = _preprocessing(args)
@@ -246,6 +311,9 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
 
         args.data = prepare_digits()
         logger.info("demo: PEDConv ResNet-18 (wmul %.2f) on scikit-learn's digits at %s", args.wmul, args.data)
+    _check_nvidia_flags(args)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", context.world_size))
+    affinity.set_affinity(args.gpu_affinity, context.local_rank, local_world_size, context.device)
     if context.device.type == "cpu":
         logger.info("malloc: %s", configure_malloc())
     _seed(args.seed, context.rank, args.deterministic)
@@ -255,7 +323,8 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
     _choose_preprocessing(args, checkpoint)
     loaders = _loaders(args, context, memory_format)
     closing.callback(loaders.close)
-    num_classes = args.num_classes or (len(loaders.classes) if loaders.classes else 1000)
+    num_classes = (args.num_classes or _resumed_classes(args, checkpoint)
+                   or (len(loaders.classes) if loaders.classes else 1000))
     model = _build_model(args, num_classes, checkpoint)
     summary = summarize(model, args.image_size)  # on the CPU, before the model moves
     model = model.to(context.device, memory_format=memory_format)
@@ -273,14 +342,16 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
 
     start_epoch, best_top1 = 0, None
     if args.resume:
-        start_epoch, best_top1 = _restore(checkpoint, optimizer, precision, ema, context)
+        start_epoch, best_top1 = _restore(checkpoint, model, optimizer, precision, ema, context)
         if ema is not None:
             ema.step = start_epoch * max(len(loaders.train) // accumulation, 1) if loaders.train else 0
 
-    wrapped = model
+    wrapped = _forward_module(args, model)
     if context.distributed:
         device_ids = [context.device.index] if context.device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
+    if args.compile:
+        wrapped = torch.compile(wrapped)  # compiles at the first step; checkpoints read the model inside
     mixup = Mixup(args.mixup, num_classes, args.label_smoothing) if args.mixup > 0 else None
     # val.loss as NVIDIA's: the training criterion on the hard labels, except with mixup (plain cross-entropy there)
     val_criterion = SoftTargetCrossEntropy(args.label_smoothing) if args.mixup <= 0 and args.label_smoothing else None
@@ -316,6 +387,7 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
     schedule = lr_schedule(args.lr_schedule, args.lr, args.warmup, args.epochs, args.end_lr)
     last_epoch = args.epochs if args.run_epochs < 0 else min(args.epochs, start_epoch + args.run_epochs)
     history = []
+    epochs_without_better_top1 = 0
     with GracefulStop() as stop:
         trainer.stop = stop
         for epoch in range(start_epoch, last_epoch):
@@ -339,6 +411,11 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
             history.append(epoch_results)
             report.log([epoch], epoch_results)
             _save(args, context, trainer, epoch + 1, best_top1, is_best, ema, loaders.classes)
+            epochs_without_better_top1 = 0 if is_best else epochs_without_better_top1 + 1
+            if 0 < args.early_stopping_patience <= epochs_without_better_top1 and epoch + 1 < last_epoch:
+                logger.info("early stopping after epoch %d: no better top-1 in %d epochs (--early-stopping-patience)",
+                            epoch + 1, epochs_without_better_top1)
+                break
     report.log([], run_summary(history, keys))
     report.close()
     if context.is_main:
@@ -347,10 +424,18 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
     return 0
 
 
-def _restore(checkpoint, optimizer, precision, ema, context):
-    if checkpoint.optimizer is None:
+def _restore(checkpoint, model, optimizer, precision, ema, context):
+    if checkpoint.optimizer is None and checkpoint.epoch is None:
         raise UserError(f"{checkpoint.path} has no optimizer state: not a training checkpoint (use --pretrained-weights)")
-    optimizer.load_state_dict(checkpoint.optimizer)
+    if checkpoint.optimizer is None:
+        logger.info("%s holds no optimizer state: the optimizer starts afresh", checkpoint.path)
+    elif checkpoint.format == "pedconv":
+        optimizer.load_state_dict(checkpoint.optimizer)
+    else:  # NVIDIA's or the release's: their own parameter groups and numbering
+        kept = checkpoints.load_foreign_optimizer_state(optimizer, model, checkpoint)
+        total = sum(len(group["params"]) for group in optimizer.param_groups)
+        logger.info("%s: optimizer state of %d of %d parameters kept (matched by NVIDIA's parameter order)",
+                    checkpoint.path, kept, total)
     if checkpoint.scaler and precision.scaler.is_enabled():
         precision.scaler.load_state_dict(checkpoint.scaler)
     if ema is not None and checkpoint.state_dict_ema:

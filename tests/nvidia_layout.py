@@ -1,0 +1,112 @@
+"""NVIDIA DLE's ResNet-50 as its checkpoints hold it, written from their image_classification/models/resnet.py, and
+an independent forward pass over those keys (plain functional ops), for the checkpoint-compatibility tests.
+
+Their layout: ``conv1``/``bn1`` stem (7x7/2 conv, 3x3/2 max pool), the four stages in one ``nn.Sequential`` called
+``layers`` (``layers.0`` ... ``layers.3``), each block ``conv1`` 1x1, ``bn1``, ``conv2`` 3x3 (the stage's stride:
+v1.5), ``bn2``, ``conv3`` 1x1 to 4x the width, ``bn3``, and in each stage's first block ``downsample.0`` (1x1 conv,
+the stride) and ``downsample.1`` (BatchNorm); ``fc``. Convs have no bias. Their optimizer: SGD with two groups,
+the parameters whose name contains "bn" (no weight decay), then the others.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+BLOCKS = (3, 4, 6, 3)
+WIDTHS = (64, 128, 256, 512)
+EXPANSION = 4
+BN_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def nvidia_resnet50_shapes(num_classes: int = 1000) -> List[Tuple[str, Tuple[int, ...]]]:
+    """(key, shape) of their ResNet-50's state_dict, in their module order."""
+    entries: List[Tuple[str, Tuple[int, ...]]] = []
+
+    def bn(name, channels):
+        for entry in BN_ENTRIES:
+            entries.append((f"{name}.{entry}", () if entry == "num_batches_tracked" else (channels,)))
+
+    entries.append(("conv1.weight", (64, 3, 7, 7)))
+    bn("bn1", 64)
+    inplanes = 64
+    for stage, (count, width) in enumerate(zip(BLOCKS, WIDTHS)):
+        for block in range(count):
+            prefix = f"layers.{stage}.{block}"
+            entries.append((f"{prefix}.conv1.weight", (width, inplanes, 1, 1)))
+            bn(f"{prefix}.bn1", width)
+            entries.append((f"{prefix}.conv2.weight", (width, width, 3, 3)))
+            bn(f"{prefix}.bn2", width)
+            entries.append((f"{prefix}.conv3.weight", (width * EXPANSION, width, 1, 1)))
+            bn(f"{prefix}.bn3", width * EXPANSION)
+            if block == 0:
+                entries.append((f"{prefix}.downsample.0.weight", (width * EXPANSION, inplanes, 1, 1)))
+                bn(f"{prefix}.downsample.1", width * EXPANSION)
+            inplanes = width * EXPANSION
+    entries.append(("fc.weight", (num_classes, 2048)))
+    entries.append(("fc.bias", (num_classes,)))
+    return entries
+
+
+def random_nvidia_resnet50(seed: int = 0, num_classes: int = 1000) -> Dict[str, torch.Tensor]:
+    """A state_dict in their names with values away from any initialization (BatchNorm statistics included)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in nvidia_resnet50_shapes(num_classes):
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(1000)
+        elif key.endswith("running_var") or (key.endswith(".weight") and len(shape) == 1):
+            state[key] = 0.5 + torch.rand(shape, generator=generator)
+        elif len(shape) == 4:
+            fan_in = shape[1] * shape[2] * shape[3]
+            state[key] = torch.randn(shape, generator=generator) * (1.0 / fan_in) ** 0.5
+        else:
+            state[key] = 0.1 * torch.randn(shape, generator=generator)
+    return state
+
+
+def nvidia_parameter_names(state: Dict[str, torch.Tensor]) -> List[str]:
+    """Their named_parameters order: the state_dict's keys without the BatchNorm buffers."""
+    return [key for key in state if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+
+
+def nvidia_optimizer_state(state: Dict[str, torch.Tensor], seed: int = 1) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """Their SGD's state_dict (groups: names with "bn", then the rest) with a distinct momentum buffer per
+    parameter; also the buffers by parameter name, to check what a loader made of it."""
+    generator = torch.Generator().manual_seed(seed)
+    names = nvidia_parameter_names(state)
+    params = {name: state[name].clone().requires_grad_(True) for name in names}
+    with_bn = [params[name] for name in names if "bn" in name]
+    rest = [params[name] for name in names if "bn" not in name]
+    optimizer = torch.optim.SGD([{"params": with_bn, "weight_decay": 0}, {"params": rest, "weight_decay": 3e-5}],
+                                lr=0.256, momentum=0.875, weight_decay=3e-5)
+    buffers = {}
+    for name, param in params.items():
+        buffers[name] = torch.randn(param.shape, generator=generator)
+        optimizer.state[param]["momentum_buffer"] = buffers[name].clone()
+    return optimizer.state_dict(), buffers
+
+
+def _bn(x, state, name):
+    return F.batch_norm(x, state[f"{name}.running_mean"], state[f"{name}.running_var"], state[f"{name}.weight"],
+                        state[f"{name}.bias"], training=False, eps=1e-5)
+
+
+def nvidia_resnet50_forward(state: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Their ResNet-50's eval-mode forward over their keys (stem, v1.5 bottlenecks, average pool, fc)."""
+    x = F.relu(_bn(F.conv2d(x, state["conv1.weight"], stride=2, padding=3), state, "bn1"))
+    x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+    for stage, count in enumerate(BLOCKS):
+        for block in range(count):
+            prefix = f"layers.{stage}.{block}"
+            stride = 2 if stage > 0 and block == 0 else 1
+            out = F.relu(_bn(F.conv2d(x, state[f"{prefix}.conv1.weight"]), state, f"{prefix}.bn1"))
+            out = F.relu(_bn(F.conv2d(out, state[f"{prefix}.conv2.weight"], stride=stride, padding=1), state,
+                             f"{prefix}.bn2"))
+            out = _bn(F.conv2d(out, state[f"{prefix}.conv3.weight"]), state, f"{prefix}.bn3")
+            if block == 0:
+                x = _bn(F.conv2d(x, state[f"{prefix}.downsample.0.weight"], stride=stride), state,
+                        f"{prefix}.downsample.1")
+            x = F.relu(out + x)
+    return F.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), state["fc.weight"], state["fc.bias"])
