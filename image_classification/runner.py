@@ -17,7 +17,7 @@ from .allocator import configure_malloc
 from .dllog import Report
 from .ema import EMA
 from .losses import Mixup, SoftTargetCrossEntropy
-from .models import ARCHITECTURES, build_model, set_pedconv_method
+from .models import ARCHITECTURES, build_model, disable_info_max, set_pedconv_method
 from .optim import build_optimizer, lr_schedule
 from .summary import format_summary, summarize
 from .training import GracefulStop, Precision, Trainer
@@ -176,6 +176,10 @@ def _run(args, context: distributed.Context) -> int:
     precision = Precision.create(args.amp, context.device, args.static_loss_scale, args.dynamic_loss_scale)
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.momentum, args.weight_decay, args.nesterov,
                                 args.bn_weight_decay, args.rmsprop_alpha, args.rmsprop_eps)
+    if args.dynamic and not args.infomax_weight:
+        # After the optimizer is built, so that its parameter groups (and a resumed optimizer state) stay the same
+        # whatever the weight; the frozen decoders simply get no gradient.
+        disable_info_max(model)
     ema = EMA(model, args.use_ema) if args.use_ema else None
 
     start_epoch, best_top1 = 0, None

@@ -64,3 +64,48 @@ def test_every_epoch_has_the_same_number_of_steps(data_24, tmp_path, backend, pr
     assert train == [expected_train] * 4
     assert val == [expected_val] * 4
     assert val_ema == [expected_val] * 4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_infomax_weight_zero_trains_under_two_process_ddp(data_24, tmp_path):
+    """--dynamic --infomax-weight 0 on 2 gloo processes: the decoders are out of the graph, so DDP (without
+    find_unused_parameters) finishes every step; it used to fail at the second ("Expected to have finished
+    reduction in the prior iteration")."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, str(ROOT / "multiproc.py"), "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(ROOT / "main.py"),
+               *small_run(data_24, tmp_path, "pytorch", "--epochs", "2", "--infomax-weight", "0", "-j", "0")]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    train, val, _ = steps_per_epoch(tmp_path / "raport.json")
+    assert train == [2, 2] and val == [2, 2]  # 24 images over 2 ranks: 12 each, 2 steps of 5; 13 val: 7 and 6
+    entries = [e for e in read_report(tmp_path / "raport.json") if e["type"] == "LOG"]
+    assert not any("train.infomax_loss" in e["data"] for e in entries if isinstance(e["step"], list))
+    assert any(e["step"] == [] and "val.top1" in e["data"] for e in entries)
+
+
+def test_infomax_weight_zero_takes_the_decoders_out_of_the_graph():
+    from image_classification.models import build_model, disable_info_max
+    from image_classification.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", dynamic=True, num_classes=3, wmul=0.125)
+    optimizer = build_optimizer(model, "sgd", 0.1, 0.9, 1e-4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    disable_info_max(model)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    decoders = {n: p for n, p in model.named_parameters() if ".attn.decoder." in n}
+    assert decoders and all(p.grad is None and not p.requires_grad for p in decoders.values())
+    others = [p for n, p in model.named_parameters() if n not in decoders]
+    assert all(p.grad is not None for p in others)  # everything else still trains
+    optimizer.step()
+    state = model.state_dict()
+    assert set(state) == set(before)  # the checkpoint keys (the release's) are unchanged
+    assert all(torch.equal(state[n], before[n]) for n in decoders)
