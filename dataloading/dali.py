@@ -42,7 +42,8 @@ from .common import (
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install nvidia-dali-cuda120"
+INSTALL_HINT = ("pip install nvidia-dali-cuda130 'cuda-toolkit[npp,nvjpeg]==13.0.3', as requirements.txt; "
+                "for CUDA 12: requirements-dali-cuda120.txt")
 READER_NAME = "Reader"
 # nvJPEG buffer sizes for full-size ImageNet images (NVIDIA's values), so the decoder does not
 # reallocate as it meets larger images; with the size hints of the largest ImageNet image.

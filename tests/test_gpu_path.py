@@ -109,3 +109,57 @@ def test_infomax_weight_zero_takes_the_decoders_out_of_the_graph():
     state = model.state_dict()
     assert set(state) == set(before)  # the checkpoint keys (the release's) are unchanged
     assert all(torch.equal(state[n], before[n]) for n in decoders)
+
+
+# --- the DALI install: every library its backend loads resolves -------------------------------------------------
+
+needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI not installed")
+
+
+def _pinned_dali() -> str:
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    return next(line.split("==")[0] for line in lines if line.startswith("nvidia-dali"))
+
+
+@needs_dali
+def test_every_library_that_dalis_backend_loads_resolves():
+    """The plain-venv GPU install is coherent: DALI's libraries, the CUDA libraries they dlopen (NPP, cuFFT, the
+    runtime, nvJPEG through nvImageCodec) and their own dependencies are all in the environment. Runs on the CPU."""
+    from dataloading import dali_libraries
+
+    report = dali_libraries.check()
+    pinned = _pinned_dali().replace("-", "_")
+    hint = (f"\n(requirements.txt pins {pinned}; this environment has {report.distribution}: "
+            "pip uninstall -y nvidia-dali-cuda120 && pip install -r requirements.txt)")
+    assert report.ok, report.describe() + hint
+    assert report.checked >= 10  # DALI's own libraries, nvImageCodec, NPP, cuFFT... were looked at
+
+
+@needs_dali
+def test_the_library_check_finds_a_missing_dlopened_library_and_its_runpath(tmp_path):
+    """A DALI-like library whose code names libnppc for dlopen: missing until it lies where its RUNPATH points."""
+    from dataloading import dali_libraries
+
+    real = os.path.join(dali_libraries.dali_folder(), "libdali_core.so")
+    fake_dali = tmp_path / "nvidia" / "dali"
+    fake_dali.mkdir(parents=True)
+    library = fake_dali / "libdali_fake.so"
+    library.write_bytes(Path(real).read_bytes() + b"\0libnppc.so.777\0")
+    report = dali_libraries.check(str(fake_dali))
+    assert list(report.missing) == ["libnppc.so.777"] and not report.ok
+    assert "libnppc.so.777 (needed by nvidia/dali/libdali_fake.so)" in report.describe()
+    npp = tmp_path / "nvidia" / "npp" / "lib"  # the DALI wheels' RUNPATH has $ORIGIN/../npp/lib
+    npp.mkdir(parents=True)
+    (npp / "libnppc.so.777").write_bytes(Path(real).read_bytes())
+    assert dali_libraries.check(str(fake_dali)).ok
+
+
+@pytest.mark.skipif(not __import__("shutil").which("readelf"), reason="binutils' readelf not installed")
+def test_the_elf_reader_agrees_with_readelf():
+    from dataloading import dali_libraries
+
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    info = dali_libraries.read_elf(path, scan_dlopen=False)
+    listing = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
+    needed = [line.split("[")[1].rstrip("]") for line in listing.splitlines() if "(NEEDED)" in line]
+    assert info.needed == needed and len(needed) > 3
