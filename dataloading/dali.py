@@ -45,18 +45,49 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = ("pip install nvidia-dali-cuda130 'cuda-toolkit[npp,nvjpeg]==13.0.3', as requirements.txt; "
                 "for CUDA 12: requirements-dali-cuda120.txt")
 READER_NAME = "Reader"
-# nvJPEG buffer sizes for full-size ImageNet images (NVIDIA's values), so the decoder does not
-# reallocate as it meets larger images; with the size hints of the largest ImageNet image.
-DEVICE_MEMORY_PADDING = 211025920
-HOST_MEMORY_PADDING = 140544512
-PREALLOCATE_WIDTH_HINT = 5980
-PREALLOCATE_HEIGHT_HINT = 6430
+# The GPU decoder's buffers (dali-gpu). NVIDIA's ConvNets code asks for buffers that fit the largest ImageNet image
+# (5980 x 6430) in every decoder thread: one device buffer (device_memory_padding) and two pinned host buffers
+# (host_memory_padding) per thread and pipeline, plus a hardware-decoder batch preallocated at that size. With -j 8,
+# a training and a validation pipeline and 8 ranks, that pins 2 x 134 MiB x 8 x 2 x 8 = 34 GiB of host memory on
+# the node. Here the buffers are sized from a budget per rank and pipeline instead (see decoder_memory_hints): a
+# thread that meets a larger image grows its buffer once, which costs an allocation, not a failure.
+NVIDIA_DEVICE_MEMORY_PADDING = 211025920
+NVIDIA_HOST_MEMORY_PADDING = 140544512
+NVIDIA_PREALLOCATE_HINT = (5980, 6430)
+# DALI's own defaults, the floor of the scaled sizes.
+DALI_DEVICE_MEMORY_PADDING = 16 << 20
+DALI_HOST_MEMORY_PADDING = 8 << 20
+# Per rank and pipeline: pinned host memory for the decoder threads' buffers; device memory for their buffers, and
+# as much again for the hardware decoder's preallocated batch.
+HOST_MEMORY_BUDGET = 256 << 20
+DEVICE_MEMORY_BUDGET = 512 << 20
+# The share of a batch DALI sends to the A100/H100 hardware JPEG decoder (its default hw_decoder_load).
+HW_DECODER_LOAD = 0.65
 # Attempts to draw a crop inside the image before falling back to a centre crop (as DLE).
 RANDOM_CROP_ATTEMPTS = 100
 # Largest AutoAugment translation as a fraction of the image side, as torchvision's ImageNet
 # policy (150 pixels of 331); DALI's default would be the whole side.
 AUTOAUGMENT_MAX_TRANSLATE = 150.0 / 331.0
 AUTOAUGMENT_FILL = 128
+
+
+def decoder_memory_hints(threads: int, batch_size: int, training: bool = True) -> dict:
+    """The ``mixed`` decoder's memory options for one pipeline of ``threads`` threads: NVIDIA's sizes where they fit
+    the per-pipeline budgets (``HOST_MEMORY_BUDGET``, ``DEVICE_MEMORY_BUDGET``), else the budget shared by the
+    threads (never below DALI's defaults). With -j 8 that is 16 MiB of pinned host memory per buffer, 256 MiB per
+    pipeline, 512 MiB per rank with validation; 64 MiB of device memory per thread. The hardware decoder's batch is
+    preallocated for square images of the side that fits the device budget (capped at NVIDIA's hint): at -b 64,
+    about 2000 x 2000 pixels; larger images reallocate."""
+    threads = max(1, threads)
+    host = max(DALI_HOST_MEMORY_PADDING, min(NVIDIA_HOST_MEMORY_PADDING, HOST_MEMORY_BUDGET // (2 * threads)))
+    device = max(DALI_DEVICE_MEMORY_PADDING, min(NVIDIA_DEVICE_MEMORY_PADDING, DEVICE_MEMORY_BUDGET // threads))
+    hints = dict(device_memory_padding=device, host_memory_padding=host)
+    if training:
+        images = max(1.0, HW_DECODER_LOAD * batch_size)
+        side = int((DEVICE_MEMORY_BUDGET / (images * 3)) ** 0.5)
+        hints.update(preallocate_width_hint=min(side, NVIDIA_PREALLOCATE_HINT[0]),
+                     preallocate_height_hint=min(side, NVIDIA_PREALLOCATE_HINT[1]))
+    return hints
 
 
 def import_dali():
@@ -179,12 +210,7 @@ def build_train_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu
             adjust_orientation=False,  # as PIL/ImageFolder, which ignore EXIF orientation
         )
         if gpu_decode:
-            crop_options.update(
-                device_memory_padding=DEVICE_MEMORY_PADDING,
-                host_memory_padding=HOST_MEMORY_PADDING,
-                preallocate_width_hint=PREALLOCATE_WIDTH_HINT,
-                preallocate_height_hint=PREALLOCATE_HEIGHT_HINT,
-            )
+            crop_options.update(decoder_memory_hints(threads, batch_size, training=True))
         # The fused operator decodes only the crop's region of interest: much less work on the CPU.
         images = fn.decoders.image_random_crop(encoded, device="mixed" if gpu_decode else "cpu", **crop_options)
         # No antialiasing on this resize, as NVIDIA's pipeline: faster, and the crop is random anyway.
@@ -216,8 +242,7 @@ def build_val_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu: 
         encoded, label = fn.readers.file(files=files, labels=labels, name=READER_NAME, pad_last_batch=True)
         decode_options = dict(output_type=types.RGB, adjust_orientation=False)
         if gpu_decode:
-            decode_options.update(device_memory_padding=DEVICE_MEMORY_PADDING,
-                                  host_memory_padding=HOST_MEMORY_PADDING)
+            decode_options.update(decoder_memory_hints(threads, batch_size, training=False))
         images = fn.decoders.image(encoded, device="mixed" if gpu_decode else "cpu", **decode_options)
         # torchvision's Resize(int): the shorter side becomes `target_short`, the longer one
         # floor(longer * target_short / shorter); computed here to get the same output sizes.

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from . import checkpoints, distributed
 from .allocator import configure_malloc
+from .cuda_settings import set_tf32
 from .dllog import Report
 from .ema import EMA
 from .losses import Mixup, SoftTargetCrossEntropy
@@ -157,6 +158,9 @@ def _run(args, context: distributed.Context) -> int:
     accumulation = _check_args(args, context)
     if context.device.type == "cpu":
         logger.info("malloc: %s", configure_malloc())
+    else:
+        set_tf32(args.tf32)
+        logger.info("TF32 for float32 matrix products and convolutions: %s", "on" if args.tf32 else "off")
     _seed(args.seed, context.rank, args.deterministic)
     os.makedirs(args.workspace, exist_ok=True)
     memory_format = torch.channels_last if args.memory_format == "nhwc" else torch.contiguous_format
@@ -173,9 +177,16 @@ def _run(args, context: distributed.Context) -> int:
     report.parameters({**vars(args), "model.params": summary.params,
                        "model.params_without_decoders": summary.params_without_decoders,
                        "model.macs": summary.macs, "model.pedconv_layers": summary.dynamic_layers})
-    precision = Precision.create(args.amp, context.device, args.static_loss_scale, args.dynamic_loss_scale)
-    optimizer = build_optimizer(model, args.optimizer, args.lr, args.momentum, args.weight_decay, args.nesterov,
-                                args.bn_weight_decay, args.rmsprop_alpha, args.rmsprop_eps)
+    try:
+        precision = Precision.create(args.amp, context.device, args.static_loss_scale, args.dynamic_loss_scale)
+        optimizer = build_optimizer(model, args.optimizer, args.lr, args.momentum, args.weight_decay, args.nesterov,
+                                    args.bn_weight_decay, args.rmsprop_alpha, args.rmsprop_eps,
+                                    device_type=context.device.type, implementation=args.optimizer_impl)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if precision.scaler.is_enabled() and args.static_loss_scale == 1.0 and not args.dynamic_loss_scale:
+        logger.warning("AMP: the loss scale starts at 1 and never grows (NVIDIA's default); NVIDIA's AMP recipes "
+                       "pass --static-loss-scale 128, or add --dynamic-loss-scale")
     if args.dynamic and not args.infomax_weight:
         # After the optimizer is built, so that its parameter groups (and a resumed optimizer state) stay the same
         # whatever the weight; the frozen decoders simply get no gradient.

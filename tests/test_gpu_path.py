@@ -6,6 +6,7 @@ import collections
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,306 @@ def test_the_elf_reader_agrees_with_readelf():
     listing = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
     needed = [line.split("[")[1].rstrip("]") for line in listing.splitlines() if "(NEEDED)" in line]
     assert info.needed == needed and len(needed) > 3
+
+
+# --- loss scaling as NVIDIA's -----------------------------------------------------------------------------------
+
+
+def _overflow_then_good_steps(scaler, good_steps: int) -> list:
+    """Scales seen by a GradScaler over one overflowing step and then ``good_steps`` finite ones (on the CPU)."""
+    weight = nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.0)
+    scales = [scaler.get_scale()]
+    for step in range(1 + good_steps):
+        loss = (weight * (float("inf") if step == 0 else 1.0)).sum()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        scales.append(scaler.get_scale())
+    return scales
+
+
+def test_static_loss_scale_backs_off_on_overflow_and_never_grows():
+    from image_classification.training import loss_scaler
+
+    scales = _overflow_then_good_steps(loss_scaler("cpu", True, 128.0, dynamic_loss_scale=False), 250)
+    assert scales[0] == 128.0 and scales[1] == 64.0 and set(scales[1:]) == {64.0}
+
+
+def test_dynamic_loss_scale_grows_every_100_good_steps():
+    from image_classification.training import loss_scaler
+
+    scales = _overflow_then_good_steps(loss_scaler("cpu", True, 128.0, dynamic_loss_scale=True), 250)
+    assert scales[:2] == [128.0, 64.0]
+    assert scales[100] == 64.0 and scales[101] == 128.0 and scales[201] == 256.0
+
+
+def test_amp_without_either_starts_where_nvidias_does(monkeypatch):
+    """NVIDIA's GradScaler: init_scale=--static-loss-scale (default 1), growth only with --dynamic-loss-scale."""
+    from image_classification import training
+
+    calls = []
+    real = training.loss_scaler
+    monkeypatch.setattr(training, "loss_scaler", lambda *args, **kw: calls.append((args, kw)) or real(*args, **kw))
+    args = cli.parse_args(["/data", "--amp"])
+    with warnings.catch_warnings():  # without CUDA the scaler disables itself, with a warning
+        warnings.simplefilter("ignore")
+        training.Precision.create(args.amp, torch.device("cuda"), args.static_loss_scale, args.dynamic_loss_scale)
+    assert calls == [(("cuda", True, 1.0, False), {})]
+    scales = _overflow_then_good_steps(real("cpu", True, 1.0, False), 150)
+    assert scales[0] == 1.0 and set(scales[1:]) == {0.5}
+    with pytest.raises(ValueError, match="--static-loss-scale must be positive"):
+        real("cpu", True, 0.0)
+
+
+def test_help_says_what_each_loss_scale_option_does(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "halves on a step whose gradients overflow" in text and "never grows" in text
+    assert "x2 after every 100 steps without an overflow" in text
+    assert "NVIDIA's default: 1" in text
+
+
+# --- the training step's host synchronizations, counted in a CUDA-free emulation ------------------------------
+
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
+SYNCING = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__"}
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the tensor operations that make the host wait for a CUDA device: reading a value (``item``,
+    ``tolist``, ``float()``, ``bool()``, formatting) or copying it to the host (``cpu``, ``numpy``). On the CPU
+    nothing waits, but the same Python calls are made, so the count is the CUDA step's. (A ``.to("cpu")`` cannot be
+    told from a no-op move on the CPU: the step has none, and the device code never names the CPU.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in SYNCING:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _emulated_cuda_trainer(fused: bool, print_freq: int, accumulation: int = 1, infomax_weight: float = 1e-3):
+    """A Trainer set up as on CUDA (loss scaling, the optimizer main.py builds for CUDA, mixup, info-max, EMA),
+    on CPU tensors: a PEDConv ResNet-18 (wmul 0.125) on 16x16 images."""
+    from image_classification.distributed import Context
+    from image_classification.dllog import Report
+    from image_classification.ema import EMA
+    from image_classification.losses import Mixup, SoftTargetCrossEntropy
+    from image_classification.models import build_model
+    from image_classification.optim import build_optimizer
+    from image_classification.training import Precision, Trainer, loss_scaler
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", dynamic=True, num_classes=3, wmul=0.125)
+    if fused:
+        optimizer = build_optimizer(model, "sgd", 0.01, 0.9, 1e-4, device_type="cuda")  # fused SGD (runs on CPU)
+    else:
+        optimizer = build_optimizer(model, "sgd", 0.01, 0.9, 1e-4)
+    precision = Precision(False, "cpu", torch.float32, loss_scaler("cpu", True, 128.0, True))
+    context = Context(0, 1, 0, torch.device("cpu"))
+    trainer = Trainer(model, SoftTargetCrossEntropy(0.1), optimizer, precision, context, Report(None, print_freq),
+                      accumulation=accumulation, infomax_weight=infomax_weight, mixup=Mixup(0.2, 3, 0.1),
+                      ema=EMA(model, 0.9))
+    loader = [(torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,))) for _ in range(6)]
+    return trainer, loader
+
+
+@pytest.mark.parametrize("print_freq, accumulation", [(3, 1), (2, 2), (1, 1)])
+def test_a_training_step_reads_the_device_only_at_logging_steps(print_freq, accumulation):
+    """6 steps: one host read per --print-freq interval and none in between (loss, info-max loss, loss scale and
+    stop flag stay on the device; mixup draws on the device; the fused SGD takes the scaler's overflow check)."""
+    trainer, loader = _emulated_cuda_trainer(fused=True, print_freq=print_freq, accumulation=accumulation)
+    with HostReads() as reads:
+        means = trainer.train_epoch(loader, 0, 0.01)
+    assert reads.calls == ["tolist"] * (6 // print_freq), reads.calls
+    assert torch.isfinite(torch.tensor(means["train.loss"])) and means["train.grad_scale"] == 128.0
+    assert "train.infomax_loss" in means
+
+
+def test_the_emulation_sees_a_synchronization_inside_torch():
+    """The counter is not blind: the GradScaler's overflow check with an unfused optimizer reads the device once
+    per optimizer step (why CUDA runs take torch's fused SGD)."""
+    trainer, loader = _emulated_cuda_trainer(fused=False, print_freq=3)
+    with HostReads() as reads:
+        trainer.train_epoch(loader, 0, 0.01)
+    assert reads.calls.count("tolist") == 2 and reads.calls.count("item") == 6
+
+
+def test_a_stop_request_waits_for_the_next_logging_step():
+    trainer, loader = _emulated_cuda_trainer(fused=True, print_freq=3)
+    trainer.stop.requested = True  # as if SIGTERM came before the first step
+    trainer.train_epoch(loader, 0, 0.01)
+    assert trainer.stop.requested
+    trainer2, _ = _emulated_cuda_trainer(fused=True, print_freq=3)
+    steps = []
+    trainer2.report.log = lambda step, data, verbose=True: steps.append(step)
+    trainer2.stop.requested = True
+    trainer2.train_epoch(loader, 0, 0.01)
+    assert steps == [(1, 1), (1, 2), (1, 3)]  # the whole first interval ran, then the loop stopped
+
+
+def test_a_non_finite_loss_stops_at_the_logging_step_naming_its_iteration():
+    trainer, loader = _emulated_cuda_trainer(fused=True, print_freq=3)
+    loader[1] = (torch.full((4, 3, 16, 16), float("nan")), loader[1][1])
+    with pytest.raises(FloatingPointError, match="iteration 2"):
+        trainer.train_epoch(loader, 0, 0.01)
+
+
+# --- the optimizer, the EMA, TF32, the PEDConv path on CUDA, DALI's decoder memory -----------------------------
+
+
+def test_the_cuda_optimizer_is_fused_and_keeps_the_no_decay_groups():
+    from image_classification.models import build_model
+    from image_classification.optim import build_optimizer, parameter_groups
+
+    model = build_model("resnet18", dynamic=True, num_classes=3, wmul=0.125)
+    expected = parameter_groups(model, 1e-4)
+    sgd = build_optimizer(model, "sgd", 0.1, 0.9, 1e-4, nesterov=True, device_type="cuda")
+    assert all(group["fused"] for group in sgd.param_groups) and sgd._step_supports_amp_scaling
+    for group, reference in zip(sgd.param_groups, expected):
+        assert [id(p) for p in group["params"]] == [id(p) for p in reference["params"]]
+        assert group["weight_decay"] == reference["weight_decay"]
+    assert sgd.param_groups[1]["weight_decay"] == 0.0 and sgd.param_groups[0]["nesterov"]
+    rmsprop = build_optimizer(model, "rmsprop", 0.1, 0.9, 1e-4, device_type="cuda")
+    assert all(group["foreach"] for group in rmsprop.param_groups)
+    cpu = build_optimizer(model, "sgd", 0.1, 0.9, 1e-4)
+    assert not any(group["fused"] for group in cpu.param_groups)
+
+
+def test_apex_is_used_only_when_asked_and_says_how_to_get_it():
+    from image_classification.models import build_model
+    from image_classification.optim import build_optimizer
+
+    model = build_model("resnet18", dynamic=False, num_classes=3, wmul=0.125)
+    with pytest.raises(ValueError, match="SGD on CUDA only"):
+        build_optimizer(model, "rmsprop", 0.1, 0.9, 1e-4, device_type="cuda", implementation="apex")
+    try:
+        import apex.optimizers  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs NVIDIA apex"):
+            build_optimizer(model, "sgd", 0.1, 0.9, 1e-4, device_type="cuda", implementation="apex")
+    assert "apex" not in sys.modules or "apex.optimizers" in sys.modules  # nothing imports apex unasked
+
+
+def test_ema_update_is_the_closed_form_in_a_few_kernels():
+    """avg <- d avg + (1 - d) value with d = min(decay, (1 + step) / (10 + step)); integer buffers copied; the number
+    of tensor operations does not grow with the number of tensors (foreach)."""
+    from image_classification.ema import EMA
+
+    counts = []
+    for width in (1, 4):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)) for _ in range(width)])
+        ema = EMA(model, 0.99)
+        start = {k: v.clone() for k, v in ema.module.state_dict().items()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.num_batches_tracked += 3
+        calls = []
+
+        class Count(TorchFunctionMode):  # operations that compute (not attribute reads, views, grad mode)
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, "__name__", "") not in ("__get__", "detach", "_set_grad_enabled"):
+                    calls.append(func)
+                return func(*args, **(kwargs or {}))
+
+        with Count():
+            ema.update(model)
+        counts.append(len(calls))
+        decay = min(0.99, 1.0 / 10.0)
+        current = model.state_dict()
+        for name, value in ema.module.state_dict().items():
+            if value.dtype.is_floating_point:
+                assert torch.allclose(value, decay * start[name] + (1 - decay) * current[name]), name
+            else:
+                assert torch.equal(value, current[name]), name
+    assert counts[0] == counts[1] <= 4, counts
+
+
+def test_tf32_is_switched_on_and_off_without_touching_cuda():
+    from image_classification.cuda_settings import restore_tf32, set_tf32
+
+    previous = set_tf32(True)
+    try:
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        set_tf32(False)
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    finally:
+        restore_tf32(previous)
+    assert cli.parse_args(["/data"]).tf32 and not cli.parse_args(["/data", "--no-tf32"]).tf32
+
+
+def test_pedconv_keeps_channels_last_on_cuda_by_taking_the_nhwc_path():
+    """On CUDA, channels_last k x k layers take the unfold path (NHWC throughout) where the CPU rule would fold the
+    batch into the channels (NCHW); NCHW layers and the CPU keep the measured rule."""
+    import pedconv
+
+    big_map = (16, 64, 64, (3, 3), 1, (56, 56))
+    assert pedconv.choose_method(*big_map) == "grouped"
+    assert pedconv.choose_method(*big_map, device_type="cuda", channels_last=False) == "grouped"
+    assert pedconv.choose_method(*big_map, device_type="cuda", channels_last=True) == "unfold"
+    assert pedconv.choose_method(*big_map, device_type="cpu", channels_last=True) == "grouped"
+    assert pedconv.choose_method(16, 64, 64, (3, 3), 2, (56, 56), device_type="cuda", channels_last=True) == "grouped"
+
+
+def test_the_unfold_path_is_channels_last_in_and_out_without_an_nchw_copy():
+    """What CUDA runs for channels_last (the unfold path), checked on the CPU: equal to the release's computation,
+    channels_last output and input gradient, and no NCHW copy of the activations (no ``contiguous()`` call)."""
+    import pedconv
+
+    torch.manual_seed(0)
+    layer = pedconv.PEDConv2d(8, 8, 3, padding=1, method="unfold", noise_std=0.0)
+    reference = pedconv.PEDConv2d(8, 8, 3, padding=1, method="reference", noise_std=0.0)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 8, 10, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    calls = []
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") == "contiguous" and (kwargs or {}).get(
+                    "memory_format", args[1] if len(args) > 1 else torch.contiguous_format) == torch.contiguous_format:
+                calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        y = layer(x)
+        y.sum().backward()
+    assert not calls
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = reference(x_ref)
+    y_ref.sum().backward()
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+
+
+def test_dali_decoder_memory_is_bounded_per_rank():
+    """-j 8 on 8 ranks: NVIDIA's sizes pin 2 x 134 MiB x 8 threads x 2 pipelines x 8 ranks = 34 GiB of host memory;
+    the scaled hints pin 512 MiB per rank (4 GiB per node), and NVIDIA's sizes are kept where they fit."""
+    from dataloading import dali
+
+    def pinned_per_rank(threads):
+        hints = [dali.decoder_memory_hints(threads, 64, training) for training in (True, False)]
+        return sum(2 * threads * h["host_memory_padding"] for h in hints)
+
+    assert pinned_per_rank(8) == 512 << 20
+    assert 8 * pinned_per_rank(8) < 34 * 2 * 134 * 8 * 2 * 8 / 34 * (2 ** 20) / 4  # under an eighth of NVIDIA's
+    hints = dali.decoder_memory_hints(8, 64)
+    assert hints["device_memory_padding"] * 8 == 512 << 20
+    assert hints["preallocate_width_hint"] == hints["preallocate_height_hint"] > 1500
+    one = dali.decoder_memory_hints(1, 64)
+    assert one["device_memory_padding"] == dali.NVIDIA_DEVICE_MEMORY_PADDING  # fits: NVIDIA's size
+    many = dali.decoder_memory_hints(64, 64)
+    assert many["host_memory_padding"] == dali.DALI_HOST_MEMORY_PADDING  # never below DALI's default
