@@ -459,7 +459,8 @@ def test_dali_decoder_memory_is_bounded_per_rank():
         return sum(2 * threads * h["host_memory_padding"] for h in hints)
 
     assert pinned_per_rank(8) == 512 << 20
-    assert 8 * pinned_per_rank(8) < 34 * 2 * 134 * 8 * 2 * 8 / 34 * (2 ** 20) / 4  # under an eighth of NVIDIA's
+    nvidia_per_node = 2 * dali.NVIDIA_HOST_MEMORY_PADDING * 8 * 2 * 8
+    assert nvidia_per_node > 33 << 30 and 8 * pinned_per_rank(8) == 4 << 30
     hints = dali.decoder_memory_hints(8, 64)
     assert hints["device_memory_padding"] * 8 == 512 << 20
     assert hints["preallocate_width_hint"] == hints["preallocate_height_hint"] > 1500
@@ -467,3 +468,45 @@ def test_dali_decoder_memory_is_bounded_per_rank():
     assert one["device_memory_padding"] == dali.NVIDIA_DEVICE_MEMORY_PADDING  # fits: NVIDIA's size
     many = dali.decoder_memory_hints(64, 64)
     assert many["host_memory_padding"] == dali.DALI_HOST_MEMORY_PADDING  # never below DALI's default
+
+
+# --- benchmarks/gpu_check.py and the cuda marker -----------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without CUDA")
+def test_gpu_check_without_cuda_exits_2_with_one_line(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(out)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0] and not result.stdout
+    assert not out.exists()
+
+
+def test_gpu_check_reads_the_benchmarks_and_pytests_summaries():
+    from benchmarks.gpu_check import parse_pytest_counts, parse_ratios
+
+    layers = "cin cout ...\nRATIO resnet18 fast/static = 1.084\nRATIO resnet18 unfold/static = 1.210\n"
+    models = ("           static:      12.0 ms/step\n"
+              "RATIO time fast/static = 1.031   memory fast/static = 1.142\n"
+              "RATIO time fast+amp+nhwc/static+amp+nhwc = 1.250   memory fast+amp+nhwc/static+amp+nhwc = 1.100\n")
+    assert parse_ratios(layers) == {"resnet18 fast/static": 1.084, "resnet18 unfold/static": 1.21}
+    assert parse_ratios(models) == {"time fast/static": 1.031, "memory fast/static": 1.142,
+                                    "time fast+amp+nhwc/static+amp+nhwc": 1.25,
+                                    "memory fast+amp+nhwc/static+amp+nhwc": 1.1}
+    summary = "....F.s\nFAILED tests/test_cuda.py::x\n1 failed, 19 passed, 5 skipped, 443 deselected in 80.1s\n"
+    assert parse_pytest_counts(summary) == {"failed": 1, "passed": 19, "skipped": 5, "deselected": 443}
+
+
+def test_the_cuda_marker_selects_at_least_15_tests_skipped_here_with_the_reason(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "--strict-markers",
+                             "-p", "no:cacheprovider", str(ROOT / "tests")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    counts = __import__("benchmarks.gpu_check", fromlist=["x"]).parse_pytest_counts(result.stdout)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the cuda tests ran instead")
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert counts.get("skipped", 0) >= 15 and "passed" not in counts and "failed" not in counts
+    assert "needs a CUDA GPU" in result.stdout
