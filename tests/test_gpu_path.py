@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 import main as cli
 from dataloading.dali import dali_available
@@ -227,8 +228,6 @@ def test_help_says_what_each_loss_scale_option_does(capsys):
 
 
 # --- the training step's host synchronizations, counted in a CUDA-free emulation ------------------------------
-
-from torch.overrides import TorchFunctionMode  # noqa: E402
 
 SYNCING = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__"}
 
