@@ -132,9 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep and validate an exponential moving average of the weights (default: off)")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--amp", action="store_true", help="float16 + GradScaler on CUDA, bfloat16 autocast on CPU")
-    run.add_argument("--static-loss-scale", type=float, default=1.0, help="AMP loss scale (fixed unless dynamic)")
-    run.add_argument("--dynamic-loss-scale", action="store_true", help="grow and shrink the AMP loss scale")
+    run.add_argument("--amp", action="store_true",
+                     help="mixed precision: float16 autocast with loss scaling on CUDA, bfloat16 autocast (no loss "
+                          "scaling) on the CPU")
+    run.add_argument("--static-loss-scale", type=float, default=1.0, metavar="S",
+                     help="AMP on CUDA: the loss scale to start from (NVIDIA's default: 1). It halves on a step whose "
+                          "gradients overflow (the step is skipped) and, without --dynamic-loss-scale, never grows. "
+                          "NVIDIA's AMP recipes pass 128")
+    run.add_argument("--dynamic-loss-scale", action="store_true",
+                     help="AMP on CUDA: also grow the loss scale, x2 after every 100 steps without an overflow "
+                          "(starting from --static-loss-scale)")
+    run.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                     help="CUDA: TensorFloat-32 for float32 matrix products and convolutions (NVIDIA's recipe; "
+                          "Ampere and newer GPUs); --no-tf32 keeps full float32 precision")
+    run.add_argument("--optimizer-impl", default="torch", choices=["torch", "apex"],
+                     help="CUDA: torch's fused SGD (with the loss-scale check inside the kernel, no host "
+                          "synchronization), or NVIDIA apex's FusedSGD (SGD only) where apex is installed and "
+                          "benchmarks/gpu_check.py measured it faster; on the CPU always torch's")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                      help="auto: CUDA when present, else the CPU")
     run.add_argument("--seed", type=int, default=None, help="seed (each rank adds its rank) (default: none)")

@@ -23,7 +23,6 @@ import importlib
 import logging
 import warnings
 from types import SimpleNamespace
-from typing import Iterator
 
 import torch
 
@@ -43,20 +42,52 @@ from .common import (
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install nvidia-dali-cuda120"
+INSTALL_HINT = ("pip install nvidia-dali-cuda130 'cuda-toolkit[npp,nvjpeg]==13.0.3', as requirements.txt; "
+                "for CUDA 12: requirements-dali-cuda120.txt")
 READER_NAME = "Reader"
-# nvJPEG buffer sizes for full-size ImageNet images (NVIDIA's values), so the decoder does not
-# reallocate as it meets larger images; with the size hints of the largest ImageNet image.
-DEVICE_MEMORY_PADDING = 211025920
-HOST_MEMORY_PADDING = 140544512
-PREALLOCATE_WIDTH_HINT = 5980
-PREALLOCATE_HEIGHT_HINT = 6430
+# The GPU decoder's buffers (dali-gpu). NVIDIA's ConvNets code asks for buffers that fit the largest ImageNet image
+# (5980 x 6430) in every decoder thread: one device buffer (device_memory_padding) and two pinned host buffers
+# (host_memory_padding) per thread and pipeline, plus a hardware-decoder batch preallocated at that size. With -j 8,
+# a training and a validation pipeline and 8 ranks, that pins 2 x 134 MiB x 8 x 2 x 8 = 34 GiB of host memory on
+# the node. Here the buffers are sized from a budget per rank and pipeline instead (see decoder_memory_hints): a
+# thread that meets a larger image grows its buffer once, which costs an allocation, not a failure.
+NVIDIA_DEVICE_MEMORY_PADDING = 211025920
+NVIDIA_HOST_MEMORY_PADDING = 140544512
+NVIDIA_PREALLOCATE_HINT = (5980, 6430)
+# DALI's own defaults, the floor of the scaled sizes.
+DALI_DEVICE_MEMORY_PADDING = 16 << 20
+DALI_HOST_MEMORY_PADDING = 8 << 20
+# Per rank and pipeline: pinned host memory for the decoder threads' buffers; device memory for their buffers, and
+# as much again for the hardware decoder's preallocated batch.
+HOST_MEMORY_BUDGET = 256 << 20
+DEVICE_MEMORY_BUDGET = 512 << 20
+# The share of a batch DALI sends to the A100/H100 hardware JPEG decoder (its default hw_decoder_load).
+HW_DECODER_LOAD = 0.65
 # Attempts to draw a crop inside the image before falling back to a centre crop (as DLE).
 RANDOM_CROP_ATTEMPTS = 100
 # Largest AutoAugment translation as a fraction of the image side, as torchvision's ImageNet
 # policy (150 pixels of 331); DALI's default would be the whole side.
 AUTOAUGMENT_MAX_TRANSLATE = 150.0 / 331.0
 AUTOAUGMENT_FILL = 128
+
+
+def decoder_memory_hints(threads: int, batch_size: int, training: bool = True) -> dict:
+    """The ``mixed`` decoder's memory options for one pipeline of ``threads`` threads: NVIDIA's sizes where they fit
+    the per-pipeline budgets (``HOST_MEMORY_BUDGET``, ``DEVICE_MEMORY_BUDGET``), else the budget shared by the
+    threads (never below DALI's defaults). With -j 8 that is 16 MiB of pinned host memory per buffer, 256 MiB per
+    pipeline, 512 MiB per rank with validation; 64 MiB of device memory per thread. The hardware decoder's batch is
+    preallocated for square images of the side that fits the device budget (capped at NVIDIA's hint): at -b 64,
+    about 2000 x 2000 pixels; larger images reallocate."""
+    threads = max(1, threads)
+    host = max(DALI_HOST_MEMORY_PADDING, min(NVIDIA_HOST_MEMORY_PADDING, HOST_MEMORY_BUDGET // (2 * threads)))
+    device = max(DALI_DEVICE_MEMORY_PADDING, min(NVIDIA_DEVICE_MEMORY_PADDING, DEVICE_MEMORY_BUDGET // threads))
+    hints = dict(device_memory_padding=device, host_memory_padding=host)
+    if training:
+        images = max(1.0, HW_DECODER_LOAD * batch_size)
+        side = int((DEVICE_MEMORY_BUDGET / (images * 3)) ** 0.5)
+        hints.update(preallocate_width_hint=min(side, NVIDIA_PREALLOCATE_HINT[0]),
+                     preallocate_height_hint=min(side, NVIDIA_PREALLOCATE_HINT[1]))
+    return hints
 
 
 def import_dali():
@@ -180,12 +211,7 @@ def build_train_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu
             adjust_orientation=False,  # as PIL/ImageFolder, which ignore EXIF orientation
         )
         if gpu_decode:
-            crop_options.update(
-                device_memory_padding=DEVICE_MEMORY_PADDING,
-                host_memory_padding=HOST_MEMORY_PADDING,
-                preallocate_width_hint=PREALLOCATE_WIDTH_HINT,
-                preallocate_height_hint=PREALLOCATE_HEIGHT_HINT,
-            )
+            crop_options.update(decoder_memory_hints(threads, batch_size, training=True))
         # The fused operator decodes only the crop's region of interest: much less work on the CPU.
         images = fn.decoders.image_random_crop(encoded, device="mixed" if gpu_decode else "cpu", **crop_options)
         # No antialiasing on this resize, as NVIDIA's pipeline: faster, and the crop is random anyway.
@@ -217,8 +243,7 @@ def build_val_pipeline(dali, files, labels, *, gpu_decode: bool, output_to_gpu: 
         encoded, label = fn.readers.file(files=files, labels=labels, name=READER_NAME, pad_last_batch=True)
         decode_options = dict(output_type=types.RGB, adjust_orientation=False)
         if gpu_decode:
-            decode_options.update(device_memory_padding=DEVICE_MEMORY_PADDING,
-                                  host_memory_padding=HOST_MEMORY_PADDING)
+            decode_options.update(decoder_memory_hints(threads, batch_size, training=False))
         images = fn.decoders.image(encoded, device="mixed" if gpu_decode else "cpu", **decode_options)
         # torchvision's Resize(int): the shorter side becomes `target_short`, the longer one
         # floor(longer * target_short / shorter); computed here to get the same output sizes.
@@ -255,9 +280,16 @@ def _dali_failure_summary(error: Exception) -> str:
 class DaliLoader:
     """Iterable of (images, labels) for one split over a DALI pipeline.
 
-    Training yields `num_batches` full batches per epoch; DALI's padded tail (at most one more
-    batch) is read and dropped so that its epoch ends with ours. Validation yields this rank's
-    shard once, split into the same number of batches as on every other rank.
+    Training yields `num_batches` full batches per pass. DALI's epoch may hold one more (the padded
+    tail of the shard): it is read and dropped at the start of the next pass, which closes DALI's
+    epoch. The batches come from one running DALI stream, so a pass that the consumer leaves early
+    (``--prof``, a stop request) is continued by the next one: every pass yields the same number of
+    batches, and no more than the unread tail is ever read in vain. (A DALI iterator ignores a reset
+    before its epoch ends, so a fresh ``iter()`` would not start a new epoch.)
+
+    Validation yields this rank's shard once per pass, from its start, split into the same number of
+    batches as on every other rank. A pass left early is read to its end (and dropped) when the next
+    pass starts, so that the next pass starts at the first image again.
     """
 
     def __init__(self, dali, pipeline, *, training: bool, classes, batch_size: int, num_batches: int,
@@ -275,6 +307,7 @@ class DaliLoader:
         self._channels_last = memory_format == torch.channels_last
         self._pipeline = pipeline
         self._iterator = None
+        self._position = 0  # batches read from DALI's current epoch
         if pipeline is not None:
             plugin = dali.plugin
             policy = plugin.LastBatchPolicy.FILL if training else plugin.LastBatchPolicy.PARTIAL
@@ -303,15 +336,25 @@ class DaliLoader:
             images = images.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last strides
         return images, labels.view(-1).to(torch.int64)
 
-    def _dali_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _read(self):
+        """The next batch of DALI's current epoch, or None at its end (the iterator then resets itself)."""
         try:
-            for outputs in self._iterator:
-                yield self._convert(outputs)
+            outputs = next(self._iterator)
+        except StopIteration:
+            self._position = 0
+            return None
         except RuntimeError as error:
             raise DataError(
                 f"DALI failed reading {self._split} data: {_dali_failure_summary(error)}; "
                 "rerun with --verify-data to find and skip unreadable images"
             ) from error
+        self._position += 1
+        return self._convert(outputs)
+
+    def _finish_dali_epoch(self) -> None:
+        """Read (and drop) what is left of DALI's epoch, so that the next read starts a new one."""
+        while self._position > 0 and self._read() is not None:
+            pass
 
     def __iter__(self):
         if self.training:
@@ -319,16 +362,24 @@ class DaliLoader:
         return self._val_epoch()
 
     def _train_epoch(self):
-        for index, batch in enumerate(self._dali_batches()):
-            if index < self._num_batches:
-                yield batch
-            # else: the padded remainder of the shard, read only to close DALI's epoch.
+        for _ in range(self._num_batches):
+            if self._position >= self._num_batches:
+                self._finish_dali_epoch()  # the padded remainder of the shard
+            batch = self._read()
+            if batch is None:  # DALI's epoch ended early (cannot happen with a padded shard): start the next
+                batch = self._read()
+            yield batch
 
     def _val_epoch(self):
         sizes = self._val_sizes
         position = 0
         if self._iterator is not None:
-            for images, labels in self._dali_batches():
+            self._finish_dali_epoch()  # a previous pass left early
+            while True:
+                batch = self._read()
+                if batch is None:
+                    break
+                images, labels = batch
                 # DALI gives ceil(shard / batch) batches; the common plan may split the last one.
                 while len(images) > 0:
                     take = sizes[position] if position < len(sizes) else len(images)

@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import NoReturn, Optional, Tuple
+from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -62,16 +62,6 @@ def all_reduce_sum(values: torch.Tensor, context: Context) -> torch.Tensor:
     if context.distributed:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
-
-
-def reduce_step(loss: torch.Tensor, stop: bool, context: Context) -> Tuple[float, bool]:
-    """(mean of ``loss`` over ranks, whether ``stop`` is true on any rank), in one all-reduce; every rank must
-    call it at the same step."""
-    if not context.distributed:
-        return loss.item(), stop
-    values = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(stop), device=loss.device)])
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values[0].item() / context.world_size, bool(values[1].item() > 0)
 
 
 def shutdown(context: Optional[Context], wait_for_all: bool = False) -> None:

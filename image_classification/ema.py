@@ -7,6 +7,12 @@ import torch
 import torch.nn as nn
 
 
+def _tensors(model: nn.Module):
+    """Parameters, then buffers, in registration order (the same order for a model and its deep copy)."""
+    yield from model.parameters()
+    yield from model.buffers()
+
+
 class EMA:
     """Keeps ``module``, a frozen copy of the model whose parameters and buffers follow the trained ones with
     decay min(decay, (1 + step) / (10 + step)), so that early steps are not dominated by the initial weights."""
@@ -20,15 +26,23 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One step of the average: a few foreach kernels for all floating-point tensors (not two per tensor), a
+        copy for the integer buffers (BatchNorm's step counts)."""
         decay = min(self.decay, (1.0 + self.step) / (10.0 + self.step))
         self.step += 1
-        current = model.state_dict()
-        for name, average in self.module.state_dict().items():
-            value = current[name]
+        averages, values, copies, sources = [], [], [], []
+        for average, value in zip(_tensors(self.module), _tensors(model)):
             if average.dtype.is_floating_point:
-                average.mul_(decay).add_(value.detach(), alpha=1.0 - decay)
+                averages.append(average)
+                values.append(value.detach())
             else:
-                average.copy_(value)
+                copies.append(average)
+                sources.append(value)
+        if averages:
+            # average + (1 - decay) (value - average) = decay average + (1 - decay) value
+            torch._foreach_lerp_(averages, values, 1.0 - decay)
+        if copies:
+            torch._foreach_copy_(copies, sources)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "step": self.step, "state_dict": self.module.state_dict()}

@@ -42,8 +42,9 @@ def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> 
 class Mixup:
     """Mixup (Zhang et al.): one lambda ~ Beta(alpha, alpha) per batch, mixed with a permutation of the batch.
 
-    Returns the mixed images and soft targets (label smoothing applied before mixing). Every draw comes from
-    torch's global generator, whose state the checkpoints keep, so a resumed run draws the same lambdas.
+    Returns the mixed images and soft targets (label smoothing applied before mixing). Lambda and the permutation
+    are drawn on the batch's device (torch's CPU or CUDA generator, both kept by the checkpoints, so a resumed run
+    draws the same ones) and stay there: the host never waits for them.
     """
 
     def __init__(self, alpha: float, num_classes: int, smoothing: float = 0.0):
@@ -55,8 +56,9 @@ class Mixup:
         target = smooth_one_hot(labels, self.num_classes, self.smoothing)
         if self.alpha <= 0:
             return images, target
-        lam = float(torch.distributions.Beta(self.alpha, self.alpha).sample())
-        perm = torch.randperm(images.shape[0]).to(images.device)
-        mixed = images.mul(lam).add_(images[perm], alpha=1.0 - lam)
-        return mixed, target.mul(lam).add_(target[perm], alpha=1.0 - lam)
-
+        concentration = torch.full((), float(self.alpha), device=images.device)
+        # validate_args=False: checking the parameters would read them on the host
+        lam = torch.distributions.Beta(concentration, concentration, validate_args=False).sample()
+        perm = torch.randperm(images.shape[0], device=images.device)
+        mixed = torch.lerp(images[perm], images, lam.to(images.dtype))
+        return mixed, torch.lerp(target[perm], target, lam)

@@ -355,3 +355,13 @@ def set_pedconv_method(model: nn.Module, method: str) -> nn.Module:
     for layer in dynamic_layers(model):
         layer.method = method
     return model
+
+
+def disable_info_max(model: nn.Module) -> nn.Module:
+    """Take the info-max branch out of training (``--infomax-weight 0``): no decoder runs in the forward, and the
+    decoders' parameters stop requiring gradients, so DDP (which expects a gradient for every parameter that
+    requires one) needs no ``find_unused_parameters``. The decoders stay in the state_dict, unchanged."""
+    for layer in dynamic_layers(model):
+        layer.info_max = False
+        layer.attn.decoder.requires_grad_(False)
+    return model

@@ -16,10 +16,11 @@ import torch.nn as nn
 
 from . import affinity, checkpoints, distributed, workspace
 from .allocator import configure_malloc
+from .cuda_settings import set_tf32
 from .dllog import Report, metric_names
 from .ema import EMA
 from .losses import Mixup, SoftTargetCrossEntropy
-from .models import ARCHITECTURES, build_model, default_config, get_config, set_pedconv_method
+from .models import ARCHITECTURES, build_model, default_config, disable_info_max, get_config, set_pedconv_method
 from .optim import build_optimizer, lr_schedule
 from .summary import format_summary, summarize
 from .tools import DEFAULT_PREPROCESSING, checkpoint_preprocessing
@@ -316,6 +317,9 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
     affinity.set_affinity(args.gpu_affinity, context.local_rank, local_world_size, context.device)
     if context.device.type == "cpu":
         logger.info("malloc: %s", configure_malloc())
+    else:
+        set_tf32(args.tf32)
+        logger.info("TF32 for float32 matrix products and convolutions: %s", "on" if args.tf32 else "off")
     _seed(args.seed, context.rank, args.deterministic)
     memory_format = torch.channels_last if args.memory_format == "nhwc" else torch.contiguous_format
 
@@ -335,9 +339,20 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
     report.parameters({**vars(args), "model.params": summary.params,
                        "model.params_without_decoders": summary.params_without_decoders,
                        "model.macs": summary.macs, "model.pedconv_layers": summary.dynamic_layers})
-    precision = Precision.create(args.amp, context.device, args.static_loss_scale, args.dynamic_loss_scale)
-    optimizer = build_optimizer(model, args.optimizer, args.lr, args.momentum, args.weight_decay, args.nesterov,
-                                args.bn_weight_decay, args.rmsprop_alpha, args.rmsprop_eps)
+    try:
+        precision = Precision.create(args.amp, context.device, args.static_loss_scale, args.dynamic_loss_scale)
+        optimizer = build_optimizer(model, args.optimizer, args.lr, args.momentum, args.weight_decay, args.nesterov,
+                                    args.bn_weight_decay, args.rmsprop_alpha, args.rmsprop_eps,
+                                    device_type=context.device.type, implementation=args.optimizer_impl)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if precision.scaler.is_enabled() and args.static_loss_scale == 1.0 and not args.dynamic_loss_scale:
+        logger.warning("AMP: the loss scale starts at 1 and never grows (NVIDIA's default); NVIDIA's AMP recipes "
+                       "pass --static-loss-scale 128, or add --dynamic-loss-scale")
+    if args.dynamic and not args.infomax_weight:
+        # After the optimizer is built, so that its parameter groups (and a resumed optimizer state) stay the same
+        # whatever the weight; the frozen decoders simply get no gradient.
+        disable_info_max(model)
     ema = EMA(model, args.use_ema) if args.use_ema else None
 
     start_epoch, best_top1 = 0, None

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import pedconv
 
-from .distributed import Context, all_reduce_sum, reduce_step
+from .distributed import Context, all_reduce_sum
 from .dllog import Report
 from .ema import EMA
 from .losses import Mixup
@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 
 
 class GracefulStop:
-    """Turns the first SIGTERM or SIGINT into a flag that the loop reads after each step (then it saves and exits);
-    a second SIGINT interrupts at once."""
+    """Turns the first SIGTERM or SIGINT into a flag that the loop reads at its next logging step (every
+    ``--print-freq`` steps, where the ranks agree on it; then it saves and exits); a second SIGINT interrupts at
+    once."""
 
     def __init__(self):
         self.requested = False
@@ -50,6 +51,24 @@ class GracefulStop:
         return False
 
 
+# NVIDIA's "never grows": a growth interval no run reaches.
+NEVER_GROW = 1_000_000_000
+# Steps without an overflow after which a dynamic loss scale doubles (NVIDIA's).
+GROWTH_INTERVAL = 100
+
+
+def loss_scaler(device_type: str, enabled: bool, static_loss_scale: float = 1.0,
+                dynamic_loss_scale: bool = False) -> torch.amp.GradScaler:
+    """The GradScaler of NVIDIA's ConvNets code: it starts at ``static_loss_scale`` (NVIDIA's default 1), halves on
+    every overflow (that step is skipped), and grows x2 after 100 steps without one only with
+    ``dynamic_loss_scale``; otherwise it never grows."""
+    if not static_loss_scale > 0:
+        raise ValueError(f"--static-loss-scale must be positive, got {static_loss_scale}")
+    return torch.amp.GradScaler(device_type, init_scale=static_loss_scale, growth_factor=2.0, backoff_factor=0.5,
+                                growth_interval=GROWTH_INTERVAL if dynamic_loss_scale else NEVER_GROW,
+                                enabled=enabled)
+
+
 @dataclass
 class Precision:
     """Autocast and loss scaling: float16 + GradScaler on CUDA, bfloat16 (no scaling) on the CPU."""
@@ -61,22 +80,24 @@ class Precision:
 
     @classmethod
     def create(cls, amp: bool, device: torch.device, static_loss_scale: float = 1.0, dynamic_loss_scale: bool = False):
-        """A loss scale given with ``--static-loss-scale`` (not 1) stays fixed unless ``--dynamic-loss-scale`` is
-        also given (then it is the initial scale, grown every 100 good steps, as NVIDIA's); with neither, AMP
-        scales dynamically from 2^16, since a fixed scale of 1 lets float16 gradients underflow."""
+        """Loss scaling as NVIDIA's (see :func:`loss_scaler`), on CUDA with ``amp`` only."""
         on_cuda = device.type == "cuda"
         dtype = torch.float16 if on_cuda else torch.bfloat16
-        fixed = static_loss_scale != 1.0 and not dynamic_loss_scale
-        scaler = torch.amp.GradScaler(
-            "cuda" if on_cuda else "cpu",
-            init_scale=static_loss_scale if static_loss_scale != 1.0 else 2.0**16,
-            growth_interval=1_000_000_000 if fixed else 100,
-            enabled=amp and on_cuda,
-        )
+        scaler = loss_scaler("cuda" if on_cuda else "cpu", amp and on_cuda, static_loss_scale, dynamic_loss_scale)
         return cls(amp, device.type, dtype, scaler)
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def scale_on_device(self) -> Optional[torch.Tensor]:
+        """The current loss scale as a device tensor (a copy: the scaler updates its own in place), read without a
+        host synchronization; None without loss scaling."""
+        if not self.scaler.is_enabled():
+            return None
+        scale = getattr(self.scaler, "_scale", None)
+        if scale is None:  # before the first scale(): the initial scale
+            return None
+        return scale.detach().clone().reshape(())
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, topk=(1, 5)) -> List[torch.Tensor]:
@@ -99,6 +120,29 @@ class Averages:
 
     def means(self) -> Dict[str, float]:
         return {name: self.sums[name] / self.counts[name] for name in self.sums}
+
+
+@dataclass
+class _Interval:
+    """What the training steps since the last logging step left on the device and measured on the host."""
+
+    start: float
+    iterations: List[int] = field(default_factory=list)
+    losses: List[torch.Tensor] = field(default_factory=list)
+    infomax: List[torch.Tensor] = field(default_factory=list)
+    scales: List[torch.Tensor] = field(default_factory=list)
+    data_times: List[float] = field(default_factory=list)
+    batches: List[int] = field(default_factory=list)
+
+    def add(self, iteration, loss, infomax, scale, data_time, batch) -> None:
+        self.iterations.append(iteration)
+        self.losses.append(loss.reshape(()))
+        if infomax is not None:
+            self.infomax.append(infomax.reshape(()))
+        if scale is not None:
+            self.scales.append(scale)
+        self.data_times.append(data_time)
+        self.batches.append(batch)
 
 
 class Trainer:
@@ -135,14 +179,21 @@ class Trainer:
         return self.model.no_sync()
 
     def train_epoch(self, loader, epoch: int, lr: float) -> Dict[str, float]:
-        """One pass over ``loader``; returns the epoch means. Stops early (``self.stop.requested``) after a step."""
+        """One pass over ``loader``; returns the epoch means. Stops early (``self.stop.requested``) at a logging step.
+
+        The host never waits for the device inside a step: the loss, the info-max loss and the loss scale stay on
+        the device, and every ``--print-freq`` steps (and at the last step) one all-reduce sums the interval's
+        losses and the stop flags of all ranks, and one read brings them to the host. The report then gets each
+        step's line, with the interval's mean compute time (per-step times need a synchronization per step).
+        A non-finite loss stops the run at that logging step.
+        """
         self.model.train()
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
-        world_batch = self.context.world_size
         averages = Averages()
         steps = len(loader) if self.prof <= 0 else min(len(loader), self.prof)
-        end = time.perf_counter()
+        interval = _Interval(time.perf_counter())
+        end = interval.start
         for iteration, (images, labels) in enumerate(loader, start=1):
             data_time = time.perf_counter() - end
             last_of_group = iteration % self.accumulation == 0 or iteration == steps
@@ -154,33 +205,69 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
                     self.ema.update(self.inner_model)
-            # One collective per step on several ranks: the mean loss and whether any rank was asked to stop.
-            loss_value, stop = reduce_step(loss, self.stop.requested, self.context)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1}, iteration {iteration}")
-            iteration_time = time.perf_counter() - end
-            batch = images.shape[0] * world_batch
-            metrics = {
-                "train.loss": loss_value,
-                "train.compute_ips": batch / max(iteration_time - data_time, 1e-9),
-                "train.total_ips": batch / max(iteration_time, 1e-9),
-                "train.lr": lr,
-                "train.grad_scale": float(self.precision.scaler.get_scale()) if self.precision.scaler.is_enabled() else 1.0,
-                "train.data_time": data_time,
-                "train.compute_time": iteration_time - data_time,
-            }
-            if infomax is not None:
-                metrics["train.infomax_loss"] = infomax
-            averages.add(metrics)
-            self.last_train_iteration = iteration
-            self.report.log((epoch, iteration), metrics)
-            if stop:
-                self.stop.requested = True
-                break
-            if iteration >= steps:
+            interval.add(iteration, loss, infomax, self.precision.scale_on_device(), data_time, images.shape[0])
+            last = iteration >= steps
+            if last or iteration % self.report.print_freq == 0:
+                if self._log_interval(interval, epoch, lr, averages):
+                    self.stop.requested = True
+                    break
+                interval = _Interval(time.perf_counter())
+            if last:
                 break
             end = time.perf_counter()
         return averages.means()
+
+    def _log_interval(self, interval: "_Interval", epoch: int, lr: float, averages: Averages) -> bool:
+        """Reduce and read the interval's values (the step's only synchronization), write its report lines; return
+        whether any rank was asked to stop."""
+        if not interval.iterations:
+            return False
+        device = self.context.device
+        losses = torch.stack(interval.losses).float()
+        reduced = [losses]
+        if interval.infomax:
+            reduced.append(torch.stack(interval.infomax).float())
+        reduced.append(torch.full((1,), float(self.stop.requested), device=device))
+        values = torch.cat(reduced)
+        if self.context.distributed:
+            all_reduce_sum(values, self.context)
+            values = values / self.context.world_size  # means; the stop flag only needs to be non-zero
+        if interval.scales:
+            values = torch.cat([values, torch.stack(interval.scales).float().to(device)])
+        host = values.tolist()  # the one host synchronization of the interval
+        count = len(interval.iterations)
+        loss_values = host[:count]
+        infomax_values = host[count:2 * count] if interval.infomax else None
+        position = count * (2 if interval.infomax else 1)
+        stop = host[position] > 0
+        scale_values = host[position + 1:] if interval.scales else None
+        for iteration, value in zip(interval.iterations, loss_values):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at epoch {epoch + 1}, iteration {iteration}")
+        elapsed = time.perf_counter() - interval.start
+        compute_time = max(elapsed - sum(interval.data_times), 0.0) / count
+        world = self.context.world_size
+        for index, iteration in enumerate(interval.iterations):
+            batch = interval.batches[index] * world
+            data_time = interval.data_times[index]
+            metrics = {
+                "train.loss": loss_values[index],
+                "train.compute_ips": batch / max(compute_time, 1e-9),
+                "train.total_ips": batch / max(compute_time + data_time, 1e-9),
+                "train.lr": lr,
+                "train.grad_scale": scale_values[index] if scale_values else self._initial_scale(),
+                "train.data_time": data_time,
+                "train.compute_time": compute_time,
+            }
+            if infomax_values is not None:
+                metrics["train.infomax_loss"] = infomax_values[index]
+            averages.add(metrics)
+            self.last_train_iteration = iteration
+            self.report.log((epoch, iteration), metrics)
+        return stop
+
+    def _initial_scale(self) -> float:
+        return float(self.precision.scaler.get_scale()) if self.precision.scaler.is_enabled() else 1.0
 
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor):
         images = images.contiguous(memory_format=self.memory_format)
@@ -194,7 +281,7 @@ class Trainer:
             if self.infomax_weight:
                 infomax_loss = pedconv.info_max_loss(self.model)
                 loss = loss + self.infomax_weight * infomax_loss
-                infomax = infomax_loss.item()
+                infomax = infomax_loss.detach()
         self.precision.scaler.scale(loss / self.accumulation).backward()
         return loss.detach(), infomax
 

@@ -85,9 +85,14 @@ def _is_exporting() -> bool:
 
 
 def choose_method(
-    batch: int, in_channels: int, out_channels: int, kernel: IntPair, groups: int, out_size: IntPair
+    batch: int, in_channels: int, out_channels: int, kernel: IntPair, groups: int, out_size: IntPair,
+    *, device_type: str = "cpu", channels_last: bool = False,
 ) -> str:
     """Pick the fastest exact path for one layer shape (``auto``).
+
+    On CUDA with channels_last activations, k x k layers (groups 1) take the ``unfold`` path, which works in NHWC
+    throughout: the ``grouped`` path folds the batch into the channels, which needs NCHW, and would convert the
+    input and the output of every layer (``benchmarks/gpu_check.py`` times both paths on the GPU).
 
     The rule comes from ``benchmarks/pedconv_layer.py`` (2-core CPU, batch 16, ResNet-18/50 shapes): per-sample
     kernels (``grouped``; for 1x1 a batched matmul) win while a kernel is small next to one sample's output map
@@ -98,6 +103,8 @@ def choose_method(
     if groups > 1:
         return "grouped"
     taps = kernel[0] * kernel[1]
+    if device_type == "cuda" and channels_last and taps > 1:
+        return "unfold"
     kernel_elems = out_channels * in_channels * taps
     out_elems = out_channels * out_size[0] * out_size[1]
     return "grouped" if kernel_elems <= (2 if taps > 1 else 1) * out_elems else "unfold"
@@ -475,7 +482,8 @@ def pedconv2d(
         return _finish(out, bias, channels_last)
     if method == "auto":
         out_size = conv_output_size(tuple(x.shape[-2:]), (kh, kw), stride, padding, dilation)
-        method = choose_method(x.shape[0], x.shape[1], out_channels, (kh, kw), groups, out_size)
+        method = choose_method(x.shape[0], x.shape[1], out_channels, (kh, kw), groups, out_size,
+                               device_type=x.device.type, channels_last=channels_last)
 
     if kh * kw == 1:
         # 1x1: the tap gate is one scalar per sample, folded into the output gate.

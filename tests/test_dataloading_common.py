@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FOLDER_BACKENDS = [
     "pytorch",
     pytest.param("dali-cpu", marks=pytest.mark.skipif(
-        not dali_available(), reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120)")),
+        not dali_available(), reason="NVIDIA DALI not installed (pip install -r requirements.txt)")),
 ]
 
 
@@ -288,5 +288,5 @@ def test_package_imports_and_reports_missing_dali_without_it(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert result.returncode == 0, result.stderr
-    assert "pip install nvidia-dali-cuda120" in result.stdout
+    assert "pip install nvidia-dali-cuda130" in result.stdout
     assert len(result.stdout.strip().splitlines()) == 1
