@@ -197,7 +197,7 @@ def _given_dests(parser: argparse.ArgumentParser, argv, group_title: str) -> lis
         if action.dest in {a.dest for a in group._group_actions}:
             action.default = argparse.SUPPRESS
     given = vars(probe.parse_args(argv))
-    return [a.option_strings[-1] for a in group._group_actions if a.dest in given]
+    return [next(s for s in a.option_strings if s.startswith("--")) for a in group._group_actions if a.dest in given]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,6 +24,7 @@ def two_rank_calls(monkeypatch):
     calls = []
     context = distributed.Context(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     monkeypatch.setattr(distributed, "init_from_environment", lambda device: context)
+    monkeypatch.setattr(runner, "_banner", lambda *args: None)
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(distributed.dist, "barrier", lambda device_ids=None: calls.append("barrier"))
     monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
