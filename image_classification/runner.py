@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 import random
 import re
@@ -11,6 +12,8 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
+
+from dataloading.common import DataError
 
 from . import checkpoints, distributed
 from .allocator import configure_malloc
@@ -29,12 +32,36 @@ class UserError(Exception):
     """Bad input (arguments, data, checkpoints): main.py prints the one-line message and exits non-zero."""
 
 
+def _check_number(flag: str, value, valid: bool, what: str) -> None:
+    """A UserError unless ``value`` is a finite number for which ``valid`` holds (NaN fails every comparison)."""
+    if value is None:
+        return
+    if not (math.isfinite(value) and valid):
+        raise UserError(f"{flag} must be {what}, got {value}")
+
+
+def _check_numbers(args) -> None:
+    """Numbers that would otherwise fail late (an epoch in, in the optimizer) or silently train nothing."""
+    _check_number("--lr", args.lr, args.lr > 0, "a positive number")
+    _check_number("--momentum", args.momentum, 0 <= args.momentum < 1, "in [0, 1)")
+    _check_number("--epochs", args.epochs, args.epochs >= 1, "at least 1")
+    _check_number("--end-lr", args.end_lr, args.end_lr >= 0, "a non-negative number")
+    _check_number("--weight-decay", args.weight_decay, args.weight_decay >= 0, "a non-negative number")
+    _check_number("--label-smoothing", args.label_smoothing, 0 <= args.label_smoothing < 1, "in [0, 1)")
+    _check_number("--mixup", args.mixup, args.mixup >= 0, "a non-negative number")
+    _check_number("--infomax-weight", args.infomax_weight, args.infomax_weight >= 0, "a non-negative number")
+    _check_number("--use-ema", args.use_ema, args.use_ema is None or 0 < args.use_ema < 1, "in (0, 1)")
+    _check_number("--wmul", args.wmul, args.wmul > 0, "a positive number")
+    _check_number("--num-classes", args.num_classes, args.num_classes is None or args.num_classes >= 1, "at least 1")
+
+
 def _check_args(args, context: distributed.Context) -> int:
     """Validate the arguments; return the gradient accumulation steps."""
     if args.arch not in ARCHITECTURES:
         raise UserError(f"unknown architecture {args.arch!r}; valid: {', '.join(ARCHITECTURES)}")
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    _check_numbers(args)
     if args.evaluate and args.training_only:
         raise UserError("--evaluate and --training-only exclude each other")
     if args.evaluate and args.resume:
@@ -81,12 +108,16 @@ def _loaders(args, context, memory_format):
 
 
 def _initial_weights(args) -> Optional[checkpoints.Checkpoint]:
-    """The checkpoint given by --resume or --pretrained-weights, read once; it may say the model is PEDConv."""
+    """The checkpoint given by --resume or --pretrained-weights, read once; it may say the model is PEDConv. Weights
+    holding NaN or infinite values are refused (evaluating or training them gives nothing)."""
     path = args.resume or args.pretrained_weights
     if not path:
         return None
     try:
         checkpoint = checkpoints.load_checkpoint(path)
+        checkpoints.check_finite(checkpoint.state_dict, path)
+        if args.use_ema and checkpoint.state_dict_ema:
+            checkpoints.check_finite(checkpoint.state_dict_ema, path, "EMA weights")
     except checkpoints.CheckpointError as error:
         raise UserError(str(error)) from None
     if checkpoint.arch.get("dynamic") and not args.dynamic:
@@ -125,11 +156,17 @@ def _save(args, context, trainer: Trainer, epoch: int, best_top1: Optional[float
     if classes:
         state["classes"] = list(classes)  # class names in label order, for classify.py
     path = os.path.join(args.workspace, args.checkpoint_filename)
-    checkpoints.save_checkpoint(state, path)
-    if is_best:
-        checkpoints.save_checkpoint(state, os.path.join(args.workspace, "model_best.pth.tar"))
+    # The checkpoint is written last: a resumed run takes the best top-1 from it, so every best it records must
+    # already have its model_best on disk (a kill between the two writes repeats the epoch, and with it the best).
+    targets = [os.path.join(args.workspace, "model_best.pth.tar")] if is_best else []
     if args.gather_checkpoints > 0:
-        checkpoints.save_checkpoint(state, os.path.join(args.workspace, f"checkpoint-{epoch}.pth.tar"))
+        targets.append(os.path.join(args.workspace, f"checkpoint-{epoch}.pth.tar"))
+    for target in targets + [path]:
+        try:
+            checkpoints.save_checkpoint(state, target)
+        except OSError as error:  # a full disk, a read-only or vanished folder: the previous file is kept
+            raise UserError(f"cannot save checkpoint {target}: {error.strerror or error}") from None
+    if args.gather_checkpoints > 0:
         numbered = sorted(glob.glob(os.path.join(args.workspace, "checkpoint-*.pth.tar")),
                           key=lambda p: int(re.search(r"checkpoint-(\d+)", p).group(1)))
         for old in numbered[: -args.gather_checkpoints]:
@@ -144,8 +181,38 @@ def run(args) -> int:
         raise UserError(str(error)) from None
     try:
         return _run(args, context)
+    except DataError as error:  # met during an epoch: an image folder that turned out broken, a failed DALI decode
+        raise UserError(str(error).strip().splitlines()[-1]) from None
     finally:
         distributed.shutdown(context)
+
+
+def _prepare_workspace(args, context: distributed.Context, report_path: Optional[str]) -> None:
+    """Create the workspace and check, before any work, that the report and the checkpoints can be written there
+    (their folders, names and temporary names); remove temporary files left there by a killed save."""
+    workspace = args.workspace
+    if os.path.exists(workspace) and not os.path.isdir(workspace):
+        raise UserError(f"--workspace {workspace} is a file, not a folder")
+    try:
+        os.makedirs(workspace, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the workspace {workspace}: {error.strerror or error}") from None
+    if not context.is_main:
+        return
+    outputs = [("report", report_path)] if report_path else []
+    if args.save_checkpoints and not args.evaluate:
+        outputs.append(("checkpoint", os.path.join(workspace, args.checkpoint_filename)))
+    for what, path in outputs:
+        try:
+            checkpoints.check_writable(path)
+        except OSError as error:
+            raise UserError(f"cannot write the {what} {path}: {error.strerror or error}") from None
+    folders = dict.fromkeys(os.path.dirname(os.path.abspath(path)) for _, path in outputs)
+    for folder in dict.fromkeys([os.path.abspath(workspace), *folders]):
+        removed = checkpoints.remove_stale_temporaries(folder)
+        if removed:
+            logger.info("removed %d temporary file(s) left by an interrupted save: %s", len(removed),
+                        ", ".join(removed))
 
 
 def _run(args, context: distributed.Context) -> int:
@@ -158,18 +225,24 @@ def _run(args, context: distributed.Context) -> int:
     if context.device.type == "cpu":
         logger.info("malloc: %s", configure_malloc())
     _seed(args.seed, context.rank, args.deterministic)
-    os.makedirs(args.workspace, exist_ok=True)
+    report_path = os.path.join(args.workspace, args.raport_file) if args.raport_file else None
+    _prepare_workspace(args, context, report_path)
     memory_format = torch.channels_last if args.memory_format == "nhwc" else torch.contiguous_format
 
     checkpoint = _initial_weights(args)
     loaders = _loaders(args, context, memory_format)
+    if args.num_classes and loaders.classes and args.num_classes < len(loaders.classes):
+        raise UserError(f"--num-classes {args.num_classes} is less than the {len(loaders.classes)} class folders in "
+                        f"{args.data} (labels would reach {len(loaders.classes) - 1})")
     num_classes = args.num_classes or (len(loaders.classes) if loaders.classes else 1000)
     model = _build_model(args, num_classes, checkpoint)
     summary = summarize(model, args.image_size)  # on the CPU, before the model moves
     model = model.to(context.device, memory_format=memory_format)
 
-    report_path = os.path.join(args.workspace, args.raport_file) if args.raport_file else None
-    report = Report(report_path if context.is_main else None, args.print_freq)
+    try:
+        report = Report(report_path if context.is_main else None, args.print_freq)
+    except OSError as error:
+        raise UserError(f"cannot write the report {report_path}: {error.strerror or error}") from None
     report.parameters({**vars(args), "model.params": summary.params,
                        "model.params_without_decoders": summary.params_without_decoders,
                        "model.macs": summary.macs, "model.pedconv_layers": summary.dynamic_layers})
