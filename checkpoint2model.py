@@ -6,7 +6,8 @@
 Reads this project's checkpoints and the release's (or NVIDIA's) format; ``module.`` and ``_orig_mod.`` prefixes are
 removed. ``--ema`` exports the exponential moving average of the weights (``state_dict_ema``, kept when training
 with ``--use-ema``); a checkpoint without one is an error. The weights are checked to load into the architecture
-the checkpoint describes before the file is written (atomically). The result loads with
+the checkpoint describes before the file is written (atomically); weights holding NaN or infinite values are
+refused, naming the first such tensor. The result loads with
 ``model.load_state_dict(torch.load(path))`` and is accepted by ``main.py --pretrained-weights``.
 """
 from __future__ import annotations

@@ -12,7 +12,8 @@ them is obeyed with a warning.
 Class names: ``--class-names FILE`` if given (one name per line, a JSON list, or a JSON object whose keys are class
 indices or the checkpoint's class names), else the checkpoint's ``classes`` (the training folders' names, saved by
 main.py), else the class index. ``--amp`` runs float16 autocast on CUDA, bfloat16 on the CPU. ``--json`` prints one
-JSON object per image instead of the table.
+JSON object per image instead of the table. Weights holding NaN or infinite values are refused (the error names the
+first such tensor).
 """
 from __future__ import annotations
 

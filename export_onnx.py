@@ -13,7 +13,8 @@ Exporter: by default the TorchScript-based one (``torch.onnx.export(..., dynamo=
 the batch axis; ``--dynamo`` uses the ``torch.export``-based one (needs ``onnxscript``; several minutes for a PEDConv
 model on a small CPU). ``--check`` runs the file with onnxruntime at batch sizes 1 and 7 (``--check-batches``) and
 prints the largest absolute difference from PyTorch's logits; beyond ``--tolerance`` it is an error. The file is
-written atomically.
+written atomically. A checkpoint whose weights hold NaN or infinite values is refused (the error names the first such
+tensor) unless ``--allow-nonfinite`` is given, e.g. to debug the graph of a diverged model.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def build_parser() -> ToolParser:
     source.add_argument("--pretrained-from-file", "--pretrained-weights", "--checkpoint", dest="checkpoint",
                         default=None, metavar="PATH", help="this project's or the release's checkpoint, a state_dict")
     source.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
+    source.add_argument("--allow-nonfinite", action="store_true",
+                        help="export weights holding NaN or infinite values (refused otherwise)")
     source.add_argument("-a", "--arch", default=None, help="without a checkpoint: resnet18, resnet50, ...")
     source.add_argument("--dynamic", action="store_true", help="without a checkpoint: PEDConv layers")
     source.add_argument("--wmul", type=float, default=1.0, help="without a checkpoint: width multiplier")
@@ -117,7 +120,7 @@ def _model(args) -> nn.Module:
     if args.checkpoint:
         checkpoint = load_checkpoint(args.checkpoint)
         args.image_size = checkpoint_preprocessing(checkpoint, image_size=args.image_size)["image_size"]
-        return model_from_checkpoint(checkpoint, ema=args.ema, arch=args.arch)
+        return model_from_checkpoint(checkpoint, ema=args.ema, arch=args.arch, allow_nonfinite=args.allow_nonfinite)
     args.image_size = args.image_size or DEFAULT_PREPROCESSING["image_size"]
     if not args.arch:
         raise ToolError("no model: give --pretrained-from-file PATH, or --arch NAME for random weights")

@@ -68,9 +68,12 @@ without images, different classes in train and val, a training set with no full 
 without an image extension are ignored, as ImageFolder does. Unreadable images (truncated,
 empty, not images) never stop a run: ``pytorch`` logs a warning naming the file and, in training,
 uses the next readable sample instead (in validation it drops it); the DALI backends run a quick,
-cached check of every file's start and end first (DALI's decoder would otherwise abort on such a
-file) and skip what fails, with the same warning. A DALI failure that gets past that check is
-raised as DataError suggesting ``verify_data``.
+cached check of every file's header and end first (DALI's decoder would otherwise abort on such a
+file) and skip what fails, with the same warning. Images whose header declares more pixels than
+PIL's decompression-bomb limit are skipped on every backend (``integrity.max_image_pixels``). A
+DALI decode failure that gets past the quick check is raised as DataError naming the file, which
+the cached scan then holds, so the next run skips it. Symlinks are followed once (a loop or a
+folder linked twice is listed once); a folder that cannot be read is a DataError.
 
 Backends:
 

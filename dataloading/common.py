@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from typing import Sequence
 
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+logger = logging.getLogger(__name__)
 
 # ImageNet channel statistics on the 0-255 scale (RGB order).
 IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -36,7 +39,10 @@ class ImageFolderListing:
 
     The order is exactly torchvision ImageFolder's: classes are the sorted sub-folder names,
     files are found by a sorted ``os.walk`` of each class folder (following links) and kept when
-    their extension is one of torchvision's image extensions (case-insensitive).
+    their extension is one of torchvision's image extensions (case-insensitive). Unlike
+    ImageFolder, links are followed once: a folder reached again (a symlink loop, two links to
+    one folder) and a file reached again (a link to a file already listed) are listed once, with
+    a warning naming the class.
     """
 
     root: Path
@@ -73,11 +79,7 @@ def list_image_folder(root: Path | str, split: str) -> ImageFolderListing:
     for class_index, name in enumerate(classes):
         class_dir = folder / name
         count_before = len(samples)
-        for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
-            for filename in sorted(filenames):
-                path = os.path.join(dirpath, filename)
-                if has_file_allowed_extension(path, IMG_EXTENSIONS):
-                    samples.append((path, class_index))
+        samples.extend((path, class_index) for path in _class_images(class_dir))
         if len(samples) == count_before:
             empty_classes.append(class_dir)
     if empty_classes:
@@ -87,6 +89,45 @@ def list_image_folder(root: Path | str, split: str) -> ImageFolderListing:
             f"image extensions are {', '.join(IMG_EXTENSIONS)}"
         )
     return ImageFolderListing(folder, tuple(classes), tuple(samples))
+
+
+def _class_images(class_dir: Path) -> list[str]:
+    """The image files under one class folder in ``sorted(os.walk(followlinks=True))`` order, each real folder and
+    file (by its path with links resolved) once; DataError when a folder cannot be read."""
+    folders: list[tuple[str, list[str]]] = []
+    seen: set[str] = set()
+    repeated: list[str] = []
+    pending = [str(class_dir)]
+    while pending:
+        dirpath = pending.pop()
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            repeated.append(dirpath)
+            continue
+        seen.add(real)
+        try:
+            with os.scandir(dirpath) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            what = "class folder" if dirpath == str(class_dir) else f"folder in class {class_dir.name}:"
+            raise DataError(f"cannot read {what} {dirpath}: {error.strerror or error}") from error
+        files, subfolders = [], []
+        for entry in entries:
+            if entry.is_dir():  # follows links, as os.walk(followlinks=True)
+                subfolders.append(entry.path)
+            elif has_file_allowed_extension(entry.name, IMG_EXTENSIONS):
+                target = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                if target in seen:
+                    repeated.append(entry.path)
+                    continue
+                seen.add(target)
+                files.append(entry.path)
+        folders.append((dirpath, files))
+        pending.extend(reversed(subfolders))  # depth first in name order: the first path to a folder is kept
+    if repeated:
+        logger.warning("class folder %s reaches %d folder(s) or file(s) again through links (e.g. %s); each is "
+                       "listed once", class_dir, len(repeated), repeated[0])
+    return [path for _, files in sorted(folders) for path in files]
 
 
 def check_same_classes(train: ImageFolderListing, val: ImageFolderListing) -> None:

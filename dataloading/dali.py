@@ -14,6 +14,9 @@ is asked for.
 
 DALI's decoder stops the whole pipeline on a truncated or non-image file, so the file list is
 first checked by a quick, cached scan (see ``integrity``); ``verify_data`` makes it a full decode.
+A decode failure that gets past the quick scan ends the pass with a DataError naming the file,
+which is added to the cached scan so that the next run (a resume) skips it. When DALI's message
+does not name the file, the split is decoded with PIL to find it (the full scan, cached too).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .common import (
     RANDOM_ASPECT_RATIO,
     DataError,
     ImageFolderListing,
+    list_image_folder,
     shard_range,
     train_batches_per_rank,
     val_batch_sizes,
@@ -294,8 +298,9 @@ class DaliLoader:
 
     def __init__(self, dali, pipeline, *, training: bool, classes, batch_size: int, num_batches: int,
                  shard_size: int, image_size: int, memory_format: torch.memory_format, device: torch.device,
-                 split: str):
+                 split: str, listing: ImageFolderListing | None = None):
         self.classes = classes
+        self._listing = listing  # the files, to name the one a decode failure was about
         self.batch_size = batch_size
         self.training = training
         self.device = device
@@ -344,10 +349,7 @@ class DaliLoader:
             self._position = 0
             return None
         except RuntimeError as error:
-            raise DataError(
-                f"DALI failed reading {self._split} data: {_dali_failure_summary(error)}; "
-                "rerun with --verify-data to find and skip unreadable images"
-            ) from error
+            raise DataError(self._failure_message(error)) from error
         self._position += 1
         return self._convert(outputs)
 
@@ -355,6 +357,34 @@ class DaliLoader:
         """Read (and drop) what is left of DALI's epoch, so that the next read starts a new one."""
         while self._position > 0 and self._read() is not None:
             pass
+
+    def _failure_message(self, error: RuntimeError) -> str:
+        summary = _dali_failure_summary(error)
+        if "decoders." not in str(error) or self._listing is None:
+            return (f"DALI failed reading {self._split} data: {summary}; "
+                    "rerun with --verify-data to find and skip unreadable images")
+        from .integrity import add_unreadable, find_unreadable
+
+        # The cached scans are keyed by the listing a new run makes (before it drops unreadable files).
+        root = self._listing.root
+        listing = list_image_folder(root.parent, root.name)
+        text = str(error)
+        named = [path for path, _ in self._listing.samples if path in text]
+        if named:
+            path = max(named, key=len)
+            unreadable = {path: f"DALI: {summary.replace(path, '').strip(' :')}"}
+            add_unreadable(listing, unreadable)
+        else:  # DALI does not say which image: decode them all with PIL (the full scan, cached)
+            logger.warning("DALI could not decode a %s image (%s); decoding the %d images of %s with PIL to find it",
+                           self._split, summary, len(listing), root)
+            unreadable = find_unreadable(listing, "full")
+        if not unreadable:
+            return (f"DALI failed decoding a {self._split} image ({summary}), and PIL decodes every image of "
+                    f"{root}; try --data-backend pytorch")
+        path, reason = next(iter(unreadable.items()))
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        return (f"DALI cannot decode {self._split} image {path}{more} ({reason}); the next run skips it "
+                "(the scan is cached), as --verify-data does")
 
     def __iter__(self):
         if self.training:
@@ -453,5 +483,5 @@ def make_dali_loader(
     loader = DaliLoader(dali, pipeline, training=training, classes=listing.classes, batch_size=batch_size,
                         num_batches=num_batches, shard_size=shard_size, image_size=image_size,
                         memory_format=memory_format,
-                        device=device, split=split)
+                        device=device, split=split, listing=listing)
     return loader

@@ -462,14 +462,25 @@ def current_umask() -> int:
     return mask
 
 
+# Temporary files are named ``.<name>.<pid>-<8 random characters>.tmp<extension>`` beside their target: hidden,
+# recognizably this project's, and carrying the writer's process id, so that a later run can tell a file left by a
+# killed save (its writer is gone) from one being written now (see remove_stale_temporaries).
+TEMPORARY_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)-[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+
+
+def temporary_prefix_suffix(path: str):
+    """(prefix, suffix) of the temporary files written for ``path`` (see TEMPORARY_NAME)."""
+    return f".{os.path.basename(path)}.{os.getpid()}-", f".tmp{os.path.splitext(path)[1]}"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path beside ``path`` (same extension); on success it gets the usual file mode (umask) and
     is renamed to ``path``, on failure it is removed: ``path`` is either the complete new file or what it was."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}", dir=directory)
+    prefix, suffix = temporary_prefix_suffix(path)
+    handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
     os.close(handle)
     try:
         yield temporary
@@ -480,11 +491,106 @@ def atomic_path(path: str) -> Iterator[str]:
             os.unlink(temporary)
 
 
+def check_writable(path: str) -> None:
+    """Create ``path``'s folder if needed and create and remove one of its temporary files there: an OSError now
+    (a file where a folder should be, no permission, a read-only file system, a name too long for the file system,
+    counting the temporary name's decoration) instead of at the first save, an epoch later."""
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    os.makedirs(directory, exist_ok=True)
+    prefix, suffix = temporary_prefix_suffix(os.fspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    os.close(handle)
+    os.unlink(temporary)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str) -> List[str]:
+    """Remove the temporary files that a killed save left in ``directory`` (not its subfolders): only names of
+    :data:`TEMPORARY_NAME`'s pattern whose writing process no longer runs on this machine. Returns the paths
+    removed; a file that cannot be removed is left (it is named by the caller's log, not an error)."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        match = TEMPORARY_NAME.match(name)
+        if not match or _process_alive(int(match.group("pid"))):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
+class _WriteErrors:
+    """A binary stream that remembers the OSError its ``write`` raised: torch.save turns it into a RuntimeError
+    ("unexpected pos ...") that no longer says the disk is full."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self.stream.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def save_checkpoint(obj: Any, path: str) -> None:
     """``torch.save(obj, path)`` atomically: written to a temporary file beside ``path``, synced, then renamed, so
-    that a crash never leaves a truncated checkpoint under ``path``."""
+    that a crash never leaves a truncated checkpoint under ``path``. A failed write (a full disk) raises the
+    OSError itself (e.g. ``[Errno 28] No space left on device``), with the temporary file removed."""
     with atomic_path(path) as temporary:
         with open(temporary, "wb") as stream:
-            torch.save(obj, stream)
+            recorder = _WriteErrors(stream)
+            try:
+                torch.save(obj, recorder)
+            except RuntimeError:
+                if recorder.error is not None:
+                    raise recorder.error from None
+                raise
             stream.flush()
             os.fsync(stream.fileno())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checking values
+
+
+def first_nonfinite(state_dict: Dict[str, Any]) -> Optional[str]:
+    """The name of the first floating-point tensor of ``state_dict`` holding a NaN or an infinity, or None."""
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
+def check_finite(state_dict: Dict[str, Any], path: str, what: str = "weights") -> None:
+    """CheckpointError (one line) naming the first tensor of ``state_dict`` that holds NaN or infinite values."""
+    name = first_nonfinite(state_dict)
+    if name is not None:
+        value = state_dict[name]
+        kind = "NaN" if bool(torch.isnan(value).any()) else "infinite"
+        raise CheckpointError(f"{path}: refused: {what} tensor {name!r} holds {kind} values (a diverged or damaged "
+                              "model)")

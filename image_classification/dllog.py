@@ -17,14 +17,19 @@ with the same keys).
 
 One report file per run: an existing report of that name is first renamed after its own start time
 (``raport.json`` -> ``raport-20261128-095000.json``), never appended to, except by a ``--resume``d run, which
-continues the report it finds. The report is written by rank 0 only; lines are flushed as they are written.
+continues the report it finds. The report is written by rank 0 only. Each line goes to the file in one ``write`` as
+it is logged, whole or not at all: a write that fails (a full disk) is cut back off the file, a warning says lines
+are being dropped, and the run goes on. A broken last line left by a killed process is removed when the report is
+opened again. :func:`read_report` skips a broken last line with one warning.
 
 Console: on a terminal, a live progress bar per training and validation pass (steps, images/s, loss, ETA) and one
 short line per epoch; otherwise plain lines every ``print_freq`` iterations and the same epoch lines.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import json
 import logging
 import math
@@ -195,7 +200,8 @@ class Report:
         self.previous: Optional[str] = None  # where the report found at ``path`` went (None: nowhere, or continued)
         self.continues: Optional[str] = None  # run.start of the run this one continues
         self.epochs: Dict[int, dict] = {}  # this run's epoch lines, for the console summary
-        self._file = None
+        self._fd: Optional[int] = None
+        self._dropped = 0
         self._intervals: Dict[int, _Interval] = {}
         self._bar = None
         self._phase_start = None
@@ -207,12 +213,12 @@ class Report:
                 else:
                     self.previous = set_aside(path)
                     logger.info("previous report %s kept as %s", path, self.previous)
-            self._file = open(path, "a", encoding="utf-8")
+            self._fd = _open_for_append(path)
             for name, (unit, fmt) in METRICS.items():
                 self._write({"type": "METADATA", "metric": name, "metadata": {"unit": unit, "format": fmt}})
 
     def _write(self, entry: dict) -> None:
-        if self._file is None:
+        if self._fd is None:
             return
         now = time.time()
         line = {
@@ -221,8 +227,25 @@ class Report:
             "elapsedtime": str(now - self.start),
         }
         line.update(entry)
-        self._file.write("DLLL " + json.dumps(line) + "\n")
-        self._file.flush()
+        self._append(("DLLL " + json.dumps(line) + "\n").encode("utf-8"))
+
+    def _append(self, data: bytes) -> None:
+        """One whole line or nothing: what a failed or short write left is truncated away."""
+        size = os.fstat(self._fd).st_size
+        try:
+            if os.write(self._fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
+            self._dropped += 1
+            if self._dropped == 1:
+                logger.warning("cannot write to the report %s (%s): dropping its lines until a write succeeds",
+                               self.path, error.strerror or error)
+            return
+        if self._dropped:
+            logger.warning("writing to the report %s again; %d line(s) were dropped", self.path, self._dropped)
+            self._dropped = 0
 
     def parameters(self, params: dict) -> None:
         """The PARAMETER line: ``params`` plus ``run.start`` (and ``run.continues`` for a resumed run)."""
@@ -277,9 +300,32 @@ class Report:
 
     def close(self) -> None:
         self.close_bar()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _open_for_append(path: str) -> int:
+    """A file descriptor appending to ``path``; a broken last line (no newline: a killed writer's) is cut off first,
+    so that the next line does not continue it."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            keep, end = 0, size
+            while end > 0:  # the last newline, searched backwards
+                start = max(0, end - (1 << 16))
+                chunk = os.pread(fd, end - start, start)
+                if b"\n" in chunk:
+                    keep = start + chunk.rindex(b"\n") + 1
+                    break
+                end = start
+            os.ftruncate(fd, keep)
+            logger.warning("%s ended in a broken line (an interrupted write); removed %d bytes", path, size - keep)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _number(value, fmt: str) -> str:
@@ -350,8 +396,21 @@ def summary_lines(epochs: Dict[int, dict], summary: Dict[str, float]) -> List[st
 
 
 def read_report(path: str) -> Iterable[dict]:
-    """The JSON objects of a DLLogger report (lines without the ``DLLL `` prefix are skipped)."""
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith("DLLL "):
-                yield json.loads(line[5:])
+    """The JSON objects of a DLLogger report (lines without the ``DLLL `` prefix are skipped). A broken last line
+    (a write cut short by a kill or a full disk) is skipped with one warning; a broken line before others is a
+    ValueError naming its line number."""
+    broken = None
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if broken is not None:
+                raise ValueError(f"line {broken[0]} is broken ({broken[1]})")
+            if not line.startswith("DLLL "):
+                continue
+            try:
+                entry = json.loads(line[5:])
+            except ValueError as error:
+                broken = (number, error)
+                continue
+            yield entry
+    if broken is not None:
+        logger.warning("%s: skipping its broken last line %d (%s)", path, broken[0], broken[1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import random
 import signal
@@ -13,6 +14,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 import torch.nn as nn
+
+from dataloading.common import DataError
 
 from . import affinity, checkpoints, distributed, workspace
 from .allocator import configure_malloc
@@ -33,12 +36,36 @@ class UserError(Exception):
     """Bad input (arguments, data, checkpoints): main.py prints the one-line message and exits non-zero."""
 
 
+def _check_number(flag: str, value, valid: bool, what: str) -> None:
+    """A UserError unless ``value`` is a finite number for which ``valid`` holds (NaN fails every comparison)."""
+    if value is None:
+        return
+    if not (math.isfinite(value) and valid):
+        raise UserError(f"{flag} must be {what}, got {value}")
+
+
+def _check_numbers(args) -> None:
+    """Numbers that would otherwise fail late (an epoch in, in the optimizer) or silently train nothing."""
+    _check_number("--lr", args.lr, args.lr > 0, "a positive number")
+    _check_number("--momentum", args.momentum, 0 <= args.momentum < 1, "in [0, 1)")
+    _check_number("--epochs", args.epochs, args.epochs >= 1, "at least 1")
+    _check_number("--end-lr", args.end_lr, args.end_lr >= 0, "a non-negative number")
+    _check_number("--weight-decay", args.weight_decay, args.weight_decay >= 0, "a non-negative number")
+    _check_number("--label-smoothing", args.label_smoothing, 0 <= args.label_smoothing < 1, "in [0, 1)")
+    _check_number("--mixup", args.mixup, args.mixup >= 0, "a non-negative number")
+    _check_number("--infomax-weight", args.infomax_weight, args.infomax_weight >= 0, "a non-negative number")
+    _check_number("--use-ema", args.use_ema, args.use_ema is None or 0 < args.use_ema < 1, "in (0, 1)")
+    _check_number("--wmul", args.wmul, args.wmul > 0, "a positive number")
+    _check_number("--num-classes", args.num_classes, args.num_classes is None or args.num_classes >= 1, "at least 1")
+
+
 def _check_args(args, context: distributed.Context) -> int:
     """Validate the arguments; return the gradient accumulation steps."""
     if args.arch not in ARCHITECTURES:
         raise UserError(f"unknown architecture {args.arch!r}; valid: {', '.join(ARCHITECTURES)}")
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    _check_numbers(args)
     if args.evaluate and args.training_only:
         raise UserError("--evaluate and --training-only exclude each other")
     if args.evaluate and args.resume:
@@ -115,12 +142,16 @@ def _loaders(args, context, memory_format):
 
 
 def _initial_weights(args) -> Optional[checkpoints.Checkpoint]:
-    """The checkpoint given by --resume or --pretrained-weights, read once; it may say the model is PEDConv."""
+    """The checkpoint given by --resume or --pretrained-weights, read once; it may say the model is PEDConv. Weights
+    holding NaN or infinite values are refused (evaluating or training them gives nothing)."""
     path = args.resume or args.pretrained_weights
     if not path:
         return None
     try:
         checkpoint = checkpoints.load_checkpoint(path)
+        checkpoints.check_finite(checkpoint.state_dict, path)
+        if args.use_ema and checkpoint.state_dict_ema:
+            checkpoints.check_finite(checkpoint.state_dict_ema, path, "EMA weights")
     except checkpoints.CheckpointError as error:
         raise UserError(str(error)) from None
     if checkpoint.arch.get("dynamic") and not args.dynamic:
@@ -215,11 +246,17 @@ def _save(args, context, trainer: Trainer, epoch: int, best_top1: Optional[float
         state["classes"] = list(classes)  # class names in label order, for classify.py
     state["preprocessing"] = _preprocessing(args)
     path = os.path.join(args.workspace, args.checkpoint_filename)
-    checkpoints.save_checkpoint(state, path)
-    if is_best:
-        checkpoints.save_checkpoint(state, os.path.join(args.workspace, workspace.BEST_NAME))
+    # The checkpoint is written last: a resumed run takes the best top-1 from it, so every best it records must
+    # already have its model_best on disk (a kill between the two writes repeats the epoch, and with it the best).
+    targets = [os.path.join(args.workspace, workspace.BEST_NAME)] if is_best else []
     if numbered and args.gather_checkpoints != 0:
-        checkpoints.save_checkpoint(state, os.path.join(args.workspace, workspace.numbered_name(epoch - 1)))
+        targets.append(os.path.join(args.workspace, workspace.numbered_name(epoch - 1)))
+    for target in targets + [path]:
+        try:
+            checkpoints.save_checkpoint(state, target)
+        except OSError as error:  # a full disk, a read-only or vanished folder: the previous file is kept
+            raise UserError(f"cannot save checkpoint {target}: {error.strerror or error}") from None
+    if numbered and args.gather_checkpoints != 0:
         workspace.keep_last(args.workspace, args.gather_checkpoints)
     logger.info("checkpoint saved: %s%s", path, " (new best)" if is_best else "")
 
@@ -256,6 +293,8 @@ def _banner(args, rank: int, world_size: int) -> None:
 def _prepare_workspace(args, context) -> None:
     """Refuse a workspace that holds a finished run's checkpoints unless --resume or --overwrite; with --overwrite
     (and for the demo) remove them first. Only rank 0 creates the folder or removes anything."""
+    if os.path.exists(args.workspace) and not os.path.isdir(args.workspace):
+        raise UserError(f"--workspace {args.workspace} is a file, not a folder")
     if args.replace_demo:
         args.overwrite = True
     try:
@@ -296,8 +335,36 @@ def run(args) -> int:
             status = _run(args, context, closing)
         finished = True
         return status
+    except DataError as error:  # met during an epoch: an image folder that turned out broken, a failed DALI decode
+        raise UserError(str(error).strip().splitlines()[-1]) from None
     finally:
         distributed.shutdown(context, wait_for_all=finished)
+
+
+def _check_outputs(args, context: distributed.Context, report_path: Optional[str]) -> None:
+    """Create the workspace and check, before any work, that the report and the checkpoints can be written there
+    (their folders, names and temporary names); remove temporary files left there by a killed save."""
+    folder = args.workspace
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the workspace {folder}: {error.strerror or error}") from None
+    if not context.is_main:
+        return
+    outputs = [("report", report_path)] if report_path else []
+    if args.save_checkpoints and not args.evaluate:
+        outputs.append(("checkpoint", os.path.join(folder, args.checkpoint_filename)))
+    for what, path in outputs:
+        try:
+            checkpoints.check_writable(path)
+        except OSError as error:
+            raise UserError(f"cannot write the {what} {path}: {error.strerror or error}") from None
+    folders = dict.fromkeys(os.path.dirname(os.path.abspath(path)) for _, path in outputs)
+    for place in dict.fromkeys([os.path.abspath(folder), *folders]):
+        removed = checkpoints.remove_stale_temporaries(place)
+        if removed:
+            logger.info("removed %d temporary file(s) left by an interrupted save: %s", len(removed),
+                        ", ".join(removed))
 
 
 def _steps(loader, prof: int) -> int:
@@ -306,7 +373,9 @@ def _steps(loader, prof: int) -> int:
 
 def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> int:
     accumulation = _check_args(args, context)
+    report_path = os.path.join(args.workspace, args.raport_file) if args.raport_file else None
     _prepare_workspace(args, context)
+    _check_outputs(args, context, report_path)
     if args.demo:
         from .demo import prepare_digits
 
@@ -327,15 +396,20 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
     _choose_preprocessing(args, checkpoint)
     loaders = _loaders(args, context, memory_format)
     closing.callback(loaders.close)
+    if args.num_classes and loaders.classes and args.num_classes < len(loaders.classes):
+        raise UserError(f"--num-classes {args.num_classes} is less than the {len(loaders.classes)} class folders in "
+                        f"{args.data} (labels would reach {len(loaders.classes) - 1})")
     num_classes = (args.num_classes or _resumed_classes(args, checkpoint)
                    or (len(loaders.classes) if loaders.classes else 1000))
     model = _build_model(args, num_classes, checkpoint)
     summary = summarize(model, args.image_size)  # on the CPU, before the model moves
     model = model.to(context.device, memory_format=memory_format)
 
-    report_path = os.path.join(args.workspace, args.raport_file) if args.raport_file else None
-    report = Report(report_path if context.is_main else None, args.print_freq, resume=bool(args.resume),
-                    bars=context.is_main)
+    try:
+        report = Report(report_path if context.is_main else None, args.print_freq, resume=bool(args.resume),
+                        bars=context.is_main)
+    except OSError as error:
+        raise UserError(f"cannot write the report {report_path}: {error.strerror or error}") from None
     report.parameters({**vars(args), "model.params": summary.params,
                        "model.params_without_decoders": summary.params_without_decoders,
                        "model.macs": summary.macs, "model.pedconv_layers": summary.dynamic_layers})

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .checkpoints import Checkpoint, CheckpointError, atomic_path, load_model_state
+from .checkpoints import Checkpoint, CheckpointError, atomic_path, check_finite, load_model_state
 from .models import ARCHITECTURES, build_model
 
 EXIT_BAD_INPUT = 2
@@ -106,18 +106,25 @@ def check_arch(name: str) -> str:
     return name
 
 
-def weights_of(checkpoint: Checkpoint, ema: bool) -> dict:
-    """The checkpoint's model weights, or its EMA weights with ``ema`` (an error if it has none)."""
+def weights_of(checkpoint: Checkpoint, ema: bool, allow_nonfinite: bool = False) -> dict:
+    """The checkpoint's model weights, or its EMA weights with ``ema`` (an error if it has none). Weights holding
+    NaN or infinite values are refused (a CheckpointError naming the first such tensor) unless ``allow_nonfinite``."""
     if not ema:
-        return checkpoint.state_dict
-    if not checkpoint.state_dict_ema:
+        state = checkpoint.state_dict
+    elif not checkpoint.state_dict_ema:
         raise ToolError(f"{checkpoint.path}: --ema asked, but the checkpoint holds no EMA weights "
                         "(train with --use-ema DECAY)")
-    return checkpoint.state_dict_ema
+    else:
+        state = checkpoint.state_dict_ema
+    if not allow_nonfinite:
+        check_finite(state, checkpoint.path, "EMA weights" if ema else "weights")
+    return state
 
 
-def model_from_checkpoint(checkpoint: Checkpoint, ema: bool = False, arch: Optional[str] = None) -> nn.Module:
-    """The model a checkpoint describes, in eval mode, with its (EMA) weights. ``arch``, when given, must agree."""
+def model_from_checkpoint(checkpoint: Checkpoint, ema: bool = False, arch: Optional[str] = None,
+                          allow_nonfinite: bool = False) -> nn.Module:
+    """The model a checkpoint describes, in eval mode, with its (EMA) weights. ``arch``, when given, must agree.
+    Weights holding NaN or infinite values are refused unless ``allow_nonfinite`` (see :func:`weights_of`)."""
     described = checkpoint.arch
     if arch is not None:
         check_arch(arch)
@@ -131,7 +138,7 @@ def model_from_checkpoint(checkpoint: Checkpoint, ema: bool = False, arch: Optio
     if described.get("num_classes") is None:
         raise ToolError(f"{checkpoint.path}: no classifier weights (fc.weight) in the checkpoint")
     model = build_model(described["name"], described["dynamic"], described["num_classes"], described["wmul"])
-    load_model_state(model, weights_of(checkpoint, ema))
+    load_model_state(model, weights_of(checkpoint, ema, allow_nonfinite))
     return model.eval()
 
 
