@@ -12,7 +12,7 @@ caught when the tests fail. It prints one line per mutant and ``caught N/M`` at 
 when every mutant is caught. A mutant whose original text is not found exactly once in its file is reported as
 stale (the list must follow the code) and counts as not caught.
 
-Not part of CI: on 2 cores the whole list takes about 15 minutes. Run it before resolving an issue that touches the
+Not part of CI: on 2 shared cores the whole list takes about 20 minutes. Run it before resolving an issue that touches the
 operator, the data loading, the engine or the tools, and add a mutant for each bug class a change could bring. The
 tests run with OMP_NUM_THREADS=1 unless the environment sets it.
 """
@@ -127,6 +127,19 @@ MUTANTS: List[Mutant] = [
            "transforms.RandomResizedCrop(image_size, scale=crop_area, ratio=RANDOM_ASPECT_RATIO,",
            "transforms.RandomResizedCrop(image_size, scale=RANDOM_AREA, ratio=RANDOM_ASPECT_RATIO,",
            tests("tests/test_dataloading_common.py", "-k", "crop_area"), "--crop-area-min not reaching the crop"),
+    Mutant("crop-area-min-not-reaching-training", "image_classification/runner.py",
+           "interpolation=args.interpolation, augmentation=args.augmentation, crop_area=(args.crop_area_min, 1.0),",
+           "interpolation=args.interpolation, augmentation=args.augmentation, crop_area=(0.08, 1.0),",
+           tests(SETTINGS), "--crop-area-min ignored by main.py"),
+    Mutant("dali-centre-crop-rounding", "dataloading/dali.py",
+           "start = half + (margin & 1) * (half & 1)", "start = half",
+           tests("tests/test_dataloading_dali.py", "-k", "validation_images_agree"),
+           "DALI's validation crop a pixel off torchvision's for odd margins"),
+    Mutant("uneven-shards-step-counts", "dataloading/common.py",
+           "return math.ceil(num_samples / world_size) // batch_size",
+           "return num_samples // world_size // batch_size",
+           tests("tests/test_dataloading_pytorch.py", "tests/test_dataloading_dali.py", CLOSED_FORM,
+                 "-k", "rank or drops or shards"), "training batches per rank counted from the short shard"),
     # ---- engine: loss terms
     Mutant("smoothing-over-wrong-classes", "image_classification/losses.py",
            "target = torch.full((labels.shape[0], num_classes), smoothing / num_classes, device=labels.device)",
@@ -148,7 +161,14 @@ MUTANTS: List[Mutant] = [
            "accumulation=accumulation, infomax_weight=args.infomax_weight if args.dynamic else 0.0,",
            "accumulation=accumulation, infomax_weight=0.001 if args.dynamic else 0.0,",
            tests(SETTINGS), "--infomax-weight ignored"),
+    Mutant("mixup-beta-asymmetric", "image_classification/losses.py",
+           "lam = float(torch.distributions.Beta(self.alpha, self.alpha).sample())",
+           "lam = float(torch.distributions.Beta(self.alpha, 1.0).sample())",
+           tests(CLOSED_FORM), "mixup lambda not from Beta(alpha, alpha)"),
     # ---- engine: schedules, optimizer, accumulation, EMA
+    Mutant("lr-scaled-by-accumulation", "image_classification/training.py",
+           "set_lr(self.optimizer, lr)", "set_lr(self.optimizer, lr * self.accumulation)",
+           tests(SETTINGS), "--lr taken per process batch and scaled up for the optimizer batch"),
     Mutant("warmup-not-reaching-training", "image_classification/runner.py",
            "schedule = lr_schedule(args.lr_schedule, args.lr, args.warmup, args.epochs, args.end_lr)",
            "schedule = lr_schedule(args.lr_schedule, args.lr, 0, args.epochs, args.end_lr)",
@@ -195,7 +215,18 @@ MUTANTS: List[Mutant] = [
            "_save(args, context, trainer, epoch + 1, best_top1, is_best, ema, loaders.classes)",
            "_save(args, context, trainer, epoch, best_top1, is_best, ema, loaders.classes)",
            tests("tests/test_engine.py", "-k", "short_run or resume_after"), "checkpoint names the epoch before"),
+    Mutant("checkpoint-without-rng", "image_classification/checkpoints.py",
+           '"rng": rng,', '"rng": None,',
+           tests("tests/test_engine.py", "-k", "resume_after"), "a resumed run draws other mixup lambdas and noise"),
+    Mutant("ema-step-not-restored", "image_classification/runner.py",
+           "ema.step = start_epoch * max(len(loaders.train) // accumulation, 1) if loaders.train else 0",
+           "ema.step = 0",
+           tests("tests/test_engine.py", "-k", "resume_after"), "a resumed EMA restarts its warmup"),
     # ---- evaluation and tools
+    Mutant("val-loss-mean-of-batch-means", "image_classification/training.py",
+           'loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")',
+           'loss = nn.functional.cross_entropy(logits.float(), labels, reduction="mean")',
+           tests("tests/test_engine.py", "-k", "release_format"), "validation loss not averaged per image"),
     Mutant("top5-is-top1", "image_classification/training.py",
            "return [hits[:, : min(k, maxk)].any(dim=1).sum() for k in topk]",
            "return [hits[:, :1].any(dim=1).sum() for k in topk]",

@@ -6,10 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+from dataloading import get_loaders
+from dataloading.common import train_batches_per_rank
 from image_classification.ema import EMA
 from image_classification.losses import Mixup, SoftTargetCrossEntropy
 from image_classification.optim import lr_schedule
 from pedconv import PEDConv2d
+from tests.data_utils import make_dataset
 
 
 def smoothed(labels, classes, smoothing):
@@ -170,3 +173,20 @@ def test_lr_at_every_epoch_with_two_warmup_epochs_equals_the_formula(name, end_l
         assert schedule(epoch) == pytest.approx(formula(0.4, 2, epoch), rel=1e-12, abs=1e-15), epoch
     # the warmup is really there: half the lr at the first epoch, the full lr at the second
     assert schedule(0) == pytest.approx(0.2) and schedule(1) == pytest.approx(0.4)
+
+
+def test_training_batches_per_rank_follow_the_padded_shards(tmp_path):
+    """Full batches per rank = those of a shard padded to ceil(N / world), as torch's DistributedSampler pads it; with
+    15 images on 2 ranks (shards of 8 and 7) and batch 4 every rank runs 2 full batches."""
+    from torch.utils.data import DistributedSampler
+
+    for samples in range(1, 41):
+        for world in range(1, 5):
+            padded = len(DistributedSampler(range(samples), num_replicas=world, rank=0, shuffle=False))
+            for batch in range(1, 6):
+                assert train_batches_per_rank(samples, batch, world) == padded // batch, (samples, batch, world)
+    make_dataset(tmp_path, {"a": 8, "b": 7}, {"a": 1, "b": 1}, size_range=(36, 40))
+    for rank in range(2):
+        train = get_loaders("pytorch", str(tmp_path), 4, workers=0, image_size=32, device="cpu", rank=rank,
+                            world_size=2, val=False).train
+        assert len(train) == 2 and [len(labels) for _, labels in train] == [4, 4]

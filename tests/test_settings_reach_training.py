@@ -16,6 +16,8 @@ Assumptions about the engine (everything else is observed through torch's global
   iterations, when -p 1 is given; epochs may be numbered from 0 or 1 (not read);
 - the model is image_classification.models.ResNet, called once per training iteration on the (mixed) images;
 - mixup is image_classification.losses.Mixup, called with (images, labels) before the forward;
+- the pytorch data backend builds its training transform with dataloading.pytorch.train_transform, whose
+  RandomResizedCrop gets the crop area (checked for --crop-area-min);
 - optimizer steps go through torch.optim.Optimizer.step (global step hooks see them);
 - the checkpoint named by --checkpoint-filename in --workspace is read by checkpoints.load_checkpoint, whose
   state_dict_ema holds the EMA weights.
@@ -28,7 +30,9 @@ import pytest
 import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torchvision.transforms import RandomResizedCrop
 
+import dataloading.pytorch
 import main as cli
 import pedconv
 from image_classification import checkpoints, losses
@@ -63,6 +67,15 @@ class Observer:
             return mixed, target
 
         monkeypatch.setattr(losses.Mixup, "__call__", observed_mixup)
+        self.crop_scales = []
+        original_transform = dataloading.pytorch.train_transform
+
+        def observed_transform(*args, **kwargs):
+            transform = original_transform(*args, **kwargs)
+            self.crop_scales += [t.scale for t in transform.transforms if isinstance(t, RandomResizedCrop)]
+            return transform
+
+        monkeypatch.setattr(dataloading.pytorch, "train_transform", observed_transform)
 
     def __enter__(self):
         modules = torch.nn.modules.module
@@ -199,11 +212,13 @@ def test_settings_reach_the_loss_the_optimizer_and_the_ema(name, data_root, tmp_
             "--seed", "5", "--workspace", str(workspace), "--raport-file", "raport.json", "-p", "1",
             "--training-only", "--checkpoint-filename", "checkpoint.pth.tar", "--epochs", str(epochs), "--warmup", "2",
             "--lr-schedule", schedule, "--label-smoothing", str(smoothing), "--mixup", str(mixup),
-            "--infomax-weight", str(infomax_weight), "--wd", str(wd), "--optimizer-batch-size", str(optimizer_batch)]
+            "--infomax-weight", str(infomax_weight), "--wd", str(wd), "--optimizer-batch-size", str(optimizer_batch),
+            "--crop-area-min", "0.35"]
     argv += ["--bn-weight-decay"] if bn_wd else []
     argv += ["--use-ema", str(ema_decay)] if ema_decay else []
     with Observer(monkeypatch) as observer:
         assert cli.main(argv) == 0
+    assert observer.crop_scales == [(0.35, 1.0)]  # --crop-area-min reaches the training crops
     iterations = TRAIN_IMAGES // BATCH
     accumulation = max(optimizer_batch, BATCH) // BATCH
     assert len(observer.forwards) == epochs * iterations
