@@ -12,9 +12,9 @@ caught when the tests fail. It prints one line per mutant and ``caught N/M`` at 
 when every mutant is caught. A mutant whose original text is not found exactly once in its file is reported as
 stale (the list must follow the code) and counts as not caught.
 
-Not part of CI: on 2 shared cores the whole list takes about 20 minutes. Run it before resolving an issue that touches the
-operator, the data loading, the engine or the tools, and add a mutant for each bug class a change could bring. The
-tests run with OMP_NUM_THREADS=1 unless the environment sets it.
+Not part of CI: on 2 shared cores the whole list takes about 20 minutes. Run it before resolving an issue that
+touches the operator, the data loading, the engine or the tools, and add a mutant for each bug class a change could
+bring. The tests run with OMP_NUM_THREADS=1 unless the environment sets it.
 """
 from __future__ import annotations
 
@@ -106,7 +106,8 @@ MUTANTS: List[Mutant] = [
     # ---- data: sharding, labels, crops
     Mutant("shards-overlap", "dataloading/common.py",
            "return range(num_samples * rank // world_size, num_samples * (rank + 1) // world_size)",
-           "return range(num_samples * rank // world_size, min(num_samples, num_samples * (rank + 1) // world_size + 1))",
+           "return range(num_samples * rank // world_size, "
+           "min(num_samples, num_samples * (rank + 1) // world_size + 1))",
            tests("tests/test_dataloading_common.py", "tests/test_dataloading_pytorch.py", "-k", "rank or plan"),
            "neighbouring ranks' validation shards overlap by one image"),
     Mutant("train-sampler-rank-ignored", "dataloading/pytorch.py",

@@ -14,7 +14,8 @@ def test_there_are_at_least_twenty_distinct_mutants():
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m.id for m in MUTANTS])
 def test_each_mutant_applies_to_exactly_one_line(mutant):
     text = (ROOT / mutant.path).read_text()
-    assert text.count(mutant.original) == 1, f"{mutant.path}: {mutant.original!r} found {text.count(mutant.original)} times"
+    found = text.count(mutant.original)
+    assert found == 1, f"{mutant.path}: {mutant.original!r} found {found} times"
     assert mutant.original != mutant.mutated and "\n" not in mutant.original + mutant.mutated
     for argument in mutant.tests:
         if argument.startswith("tests/"):

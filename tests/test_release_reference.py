@@ -50,7 +50,7 @@ def inject_noise(monkeypatch, case: dict) -> list:
     def recorded_randn_like(tensor, *args, **kwargs):
         assert len(calls) < len(draws), "more noise draws than PEDConv layers"
         draw = draws[len(calls)]
-        assert tuple(tensor.shape) == tuple(draw.shape), f"noise of shape {tuple(tensor.shape)}, expected {tuple(draw.shape)}"
+        assert tensor.shape == draw.shape, f"noise of shape {tuple(tensor.shape)}, expected {tuple(draw.shape)}"
         calls.append(tuple(tensor.shape))
         return draw.to(dtype=tensor.dtype, device=tensor.device).clone()
 

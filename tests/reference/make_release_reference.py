@@ -125,7 +125,8 @@ def run_mode(module, release, x, grad_output, training: bool, noise=None, keep=l
         if torch.is_tensor(attn.IMLoss):
             loss = loss + attn.IMLoss
     loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None and keep(name)}
+    grads = {name: p.grad.detach().clone() for name, p in module.named_parameters()
+             if p.grad is not None and keep(name)}
     grads["input"] = leaf.grad.detach().clone()
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
     module.float()
@@ -192,7 +193,8 @@ def main(argv=None) -> int:
     for name, (spec, module, x_shape) in build_cases(release).items():
         cases[name] = {"spec": spec, **record(module, release, x_shape, generator)}
     data = {"meta": {"release": RELEASE_URL, "commit": RELEASE_COMMIT, "checkout_commit": commit,
-                     "torch": str(torch.__version__), "seed": SEED, "script": "tests/reference/make_release_reference.py"},
+                     "torch": str(torch.__version__), "seed": SEED,
+                     "script": "tests/reference/make_release_reference.py"},
             "cases": cases}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     temporary = args.output.with_name(args.output.name + ".tmp")
