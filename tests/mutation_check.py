@@ -12,7 +12,7 @@ caught when the tests fail. It prints one line per mutant and ``caught N/M`` at 
 when every mutant is caught. A mutant whose original text is not found exactly once in its file is reported as
 stale (the list must follow the code) and counts as not caught.
 
-Not part of CI: on 2 shared cores the whole list takes about 20 minutes. Run it before resolving an issue that
+Not part of CI: on 2 shared cores the whole list takes 11-20 minutes. Run it before resolving an issue that
 touches the operator, the data loading, the engine or the tools, and add a mutant for each bug class a change could
 bring. The tests run with OMP_NUM_THREADS=1 unless the environment sets it.
 """
