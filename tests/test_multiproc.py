@@ -412,7 +412,11 @@ def pytorch_run(jpeg_root, tmp_path_factory):
 def check_two_process_run(workspace: Path):
     results = epoch_results(workspace / "raport.json")
     assert results["val.images"] == VAL_IMAGES  # every validation image once, over both ranks
-    assert 0.0 <= results["val.top1"] <= 100.0
+    # top-1/top-5 are counts over all 13 images (not a mean of the ranks' percentages over 7 and 6 images)
+    for metric in ("val.top1", "val.top5"):
+        hits = results[metric] * VAL_IMAGES / 100.0
+        assert hits == pytest.approx(round(hits), abs=1e-6), (metric, results[metric])
+    assert results["val.top1"] <= results["val.top5"]
     # Only rank 0 writes the report: one set of parameters; rank 1 talks to its log.
     parameters = [e for e in report_entries(workspace / "raport.json") if e.get("step") == "PARAMETER"]
     assert len(parameters) == 1
@@ -443,3 +447,7 @@ def test_two_process_evaluation_equals_one_process_evaluation(jpeg_root, pytorch
     assert two["val.images"] == one["val.images"] == VAL_IMAGES
     assert two["val.top1"] == one["val.top1"] and two["val.top5"] == one["val.top5"]
     assert two["val.loss"] == pytest.approx(one["val.loss"], rel=1e-5)
+    # the training run validated the weights it saved: its (two-process) figures are the same
+    trained = epoch_results(pytorch_run / "raport.json")
+    assert trained["val.top1"] == one["val.top1"] and trained["val.top5"] == one["val.top5"]
+    assert trained["val.loss"] == pytest.approx(one["val.loss"], rel=1e-5)
