@@ -654,7 +654,7 @@ def _auto_path(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation
     if _plain_ops_only():
         return layer.fixed
     if torch.compiler.is_compiling():
-        return _compiled_choice(layer)
+        return _compiled_choice(tuple(layer))
 
     def run(path: str) -> None:
         leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, layer.requires_grad)]
@@ -667,9 +667,11 @@ def _auto_path(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation
 
 
 @torch._dynamo.assume_constant_result
-def _compiled_choice(layer: "autotune.LayerSpec") -> str:
+def _compiled_choice(fields: tuple) -> str:
     """``auto`` while torch.compile traces: a constant of the graph, chosen (measured, if need be, on random inputs
-    of the layer's shape: the traced inputs are fake) once per layer shape as in eager mode."""
+    of the layer's shape: the traced inputs are fake) once per layer shape as in eager mode. ``fields``: a
+    :class:`autotune.LayerSpec` as a plain tuple (the compiler passes plain constants)."""
+    layer = autotune.LayerSpec(*fields)
     return autotune.choose(layer, functools.partial(_run_on_random_inputs, layer))
 
 
@@ -756,7 +758,7 @@ def _grouped_backward(grad_out: Tensor, x: Tensor, weight: Tensor, gate_out: Ten
         parts = [_grouped_backward_chunk(grad_out[start:stop], x[start:stop], weight, gate_out[start:stop],
                                          gate_in[start:stop], gate_tap[start:stop], stride, padding, dilation,
                                          groups, needs) for start, stop in ranges]
-        grads = [torch.cat([p[i] for p in parts]) if i != 1 else None for i in range(5)]
+        grads = [torch.cat([p[i] for p in parts]) if needs[i] and i != 1 else None for i in range(5)]
         if needs[1]:
             grads[1] = functools.reduce(torch.add, [p[1] for p in parts])
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
