@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import pedconv
+
 from . import checkpoints, distributed
 from .allocator import configure_malloc
 from .dllog import Report
@@ -232,6 +234,8 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
                 logger.info("stopped during epoch %d; resume with --resume %s", epoch + 1,
                             os.path.join(args.workspace, args.checkpoint_filename))
                 return 0
+            if epoch == start_epoch and args.dynamic:
+                logger.debug("%s", pedconv.autotune_report())
             epoch_results = dict(train_results)
             train_history.append(train_results)
             is_best = False

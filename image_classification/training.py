@@ -122,6 +122,8 @@ class Trainer:
         self.prof = prof
         self.topk = topk
         self.stop = stop or GracefulStop()
+        # PEDConv's measured paths are sent from rank 0 once for training and once for evaluation (share_choices)
+        self._choices_shared = self._eval_choices_shared = False
 
     def _no_sync(self, sync: bool):
         if sync or not hasattr(self.model, "no_sync"):
@@ -150,6 +152,11 @@ class Trainer:
                     self.ema.update(self.inner_model)
             # One collective per step on several ranks: the mean loss and whether any rank was asked to stop.
             loss_value, stop = reduce_step(loss, self.stop.requested, self.context)
+            if self.context.distributed and not self._choices_shared:
+                # The first step measured PEDConv's paths on rank 0 (other ranks took the fixed rule): from now on
+                # every rank runs rank 0's choices.
+                pedconv.share_choices()
+                self._choices_shared = True
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1}, iteration {iteration}")
             iteration_time = time.perf_counter() - end
@@ -230,6 +237,9 @@ class Trainer:
                 break
             end = time.perf_counter()
         all_reduce_sum(totals, self.context)
+        if self.context.distributed and not self._eval_choices_shared:
+            pedconv.share_choices()  # the evaluation keys (forward only) measured on rank 0
+            self._eval_choices_shared = True
         images_seen = max(totals[3].item(), 1.0)
         results = averages.means()
         results.update({
