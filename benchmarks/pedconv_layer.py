@@ -3,7 +3,8 @@
 For each distinct shape that the release makes dynamic (224x224 input), times forward + backward of ``nn.Conv2d``,
 of ``PEDConv2d`` on its fast path (``auto``: measured on its first call, in the warm-up) and on the ``reference``
 path (the release's per-sample kernels), in ``--iters`` turns after a warm-up (each turn times every variant once),
-and measures the peak memory of one forward + backward. Each row names the path ``auto`` chose for the shape. A shape's ratio is the median of its per-turn ratios; the totals weight each shape by how often it
+and measures the peak memory of one forward + backward. Each row names the path ``auto`` chose for the shape.
+A shape's ratio is the median of its per-turn ratios; the totals weight each shape by how often it
 occurs in the network (RATIO lines: static medians times the shapes' ratios). All within one run, on one machine:
 
     python benchmarks/pedconv_layer.py --batch-size 16                    # ResNet-18 and ResNet-50 shapes
@@ -170,7 +171,8 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
     print(f"# {arch}, batch {args.batch_size}, {args.dtype}, {device}, threads {torch.get_num_threads()}, "
           f"{'channels_last' if args.channels_last else 'nchw'}; malloc {args.malloc}; forward+backward, "
           f"{args.iters} turns; times: medians; ratios: medians of the per-turn ratios")
-    header = "cin cout k s size  n |" + "".join(f" {k:>10}" for k in kinds) + " | fast/static ref/fast | auto's path    |"
+    header = "cin cout k s size  n |" + "".join(f" {k:>10}" for k in kinds)
+    header += " | fast/static ref/fast | auto's path    |"
     header += "" if args.no_memory else " MiB static  fast   ref | mem fast/static"
     print(header)
     totals = {kind: 0.0 for kind in kinds}
@@ -207,8 +209,9 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
         print(f"RATIO {arch} reference/fast = {scaled['reference'] / scaled['fast']:.3f}")
     for kind in args.methods:
         print(f"RATIO {arch} {kind}/static = {scaled[kind] / scaled['static']:.3f}")
-    print(f"autotune: {'on' if pedconv.is_autotune_enabled() else 'off (fixed rule)'}, {pedconv.autotune.TUNER.measured}"
-          f" key(s) measured so far in {pedconv.autotune.TUNER.measure_seconds:.2f} s")
+    tuner = pedconv.autotune.TUNER
+    print(f"autotune: {'on' if pedconv.is_autotune_enabled() else 'off (fixed rule)'}, {tuner.measured} key(s) "
+          f"measured so far in {tuner.measure_seconds:.2f} s")
     if not args.no_memory:
         print("largest per-layer peak memory: "
               + " ".join(f"{kind}={mem_totals[kind] / 2**20:.1f}MiB" for kind in kinds))

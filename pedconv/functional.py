@@ -303,8 +303,7 @@ def _unfold_forward(x: Tensor, weight: Tensor, gate_out: Tensor, gate_in: Tensor
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     out_size = _unfold_out_size(x, weight, stride, padding, dilation)
     batch = x.shape[0]
-    out_channels, in_channels, kh, kw = weight.shape
-    kernel = (kh, kw)
+    out_channels = weight.shape[0]
     windows, scale, weight_rows, chunks, buffer = _unfold_setup(
         x, weight, gate_in, gate_tap, stride, padding, dilation, out_size)
     rows = out_size[0] * out_size[1]
