@@ -89,8 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: release for --dynamic, classic otherwise)")
     model.add_argument("--wmul", type=float, default=1.0, help="width multiplier (the release's)")
     model.add_argument("--zero-init-last-bn", action="store_true", help="start each block's last BatchNorm at 0")
-    model.add_argument("--pedconv-method", default="auto", choices=["auto", "grouped", "unfold", "taps", "reference"],
-                       help="PEDConv forward path (reference: the release's per-sample kernels)")
+    # The choices are pedconv.METHODS + pedconv.PATHS, spelled out: main.py imports no torch before parsing.
+    model.add_argument("--pedconv-method", default="auto", choices=[
+                           "auto", "grouped", "unfold", "taps", "reference", "grouped:chunks", "unfold:conv",
+                           "unfold:matmul", "unfold:plain", "pointwise:per-sample", "pointwise:shared"],
+                       help="PEDConv forward path (auto: measured fastest per layer shape, see PEDCONV_AUTOTUNE; "
+                            "reference: the release's per-sample kernels)")
     model.add_argument("--pretrained-weights", "--pretrained-from-file", dest="pretrained_weights", default=None,
                        metavar="PATH", help="initial weights: a state_dict, the release's or this project's checkpoint")
     model.add_argument("--memory-format", default="nchw", choices=["nchw", "nhwc"],

@@ -11,7 +11,9 @@ already hold. Ratios are within one run:
     python benchmarks/models.py --arch resnet18 -b 16 --no-reference --profile   # where the extra time goes
     python benchmarks/models.py --arch resnet18 -b 16 --iters 1 --no-memory --saved   # where the extra memory goes
 
-On a GPU the three variants are also measured under AMP (float16 autocast, GradScaler) with channels_last.
+On a GPU the three variants are also measured under AMP (float16 autocast, GradScaler) with channels_last. PEDConv's
+``auto`` measures its paths in the first (warm-up) step; the run prints the path chosen for each layer and what the
+measuring cost, in steps of the model. ``PEDCONV_AUTOTUNE=0`` runs the fixed rule instead.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchmarks.pedconv_layer import median_times, peak_memory  # noqa: E402
 from image_classification.allocator import add_malloc_argument, configure_malloc  # noqa: E402
 from image_classification.models import ARCHITECTURES, build_model, set_pedconv_method  # noqa: E402
+import pedconv  # noqa: E402
 from pedconv import PEDConv2d, info_max_loss  # noqa: E402
 
 INFO_MAX_WEIGHT = 1e-3
@@ -114,6 +117,35 @@ def print_saved_breakdown(arch, batch, image_size, device, wmul) -> None:
           f"extra {totals['fast'] - totals['static']:.1f}")
 
 
+def record_inputs(model) -> dict:
+    """Name -> (shape, channels_last, dtype) of each PEDConv layer's input, filled by the model's next forward."""
+    inputs = {}
+
+    def record(module, args, name):
+        x = args[0]
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        inputs.setdefault(name, (tuple(x.shape), channels_last, x.dtype))
+
+    for name, module in model.named_modules():
+        if isinstance(module, PEDConv2d):
+            module.register_forward_pre_hook(lambda m, args, name=name: record(m, args, name))
+    return inputs
+
+
+def print_paths(model, inputs: dict, device, amp: bool) -> None:
+    """The path each PEDConv layer runs in training (auto: the measured choice)."""
+    print("\n## PEDConv paths (training)")
+    modules = dict(model.named_modules())
+    for name, (shape, channels_last, dtype) in inputs.items():
+        sample = torch.empty(shape, device=device, dtype=dtype)
+        if channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
+        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            path = modules[name].path_for(sample, training=True)
+        print(f"{name:>20} {'x'.join(map(str, shape[1:])):>12}: {path}")
+
+
 def profile_step(step, label: str, rows: int) -> None:
     """Print the operators that take the most (self) time in one step."""
     from torch.profiler import ProfilerActivity, profile
@@ -151,10 +183,12 @@ def main(argv=None):
     variants = [(kind, kind, False, args.channels_last) for kind in kinds]
     if device.type == "cuda":
         variants += [(f"{kind}+amp+nhwc", kind, True, True) for kind in kinds]
-    steps = {}
+    steps, fast_model, fast_inputs = {}, None, {}
     for label, kind, amp, channels_last in variants:
         model = build_variant(kind, args.arch, device, args.wmul, channels_last)
         steps[label] = make_train_step(model, args.batch_size, args.image_size, device, amp, channels_last)
+        if label == "fast":
+            fast_model, fast_inputs = model, record_inputs(model)
 
     print(f"# {args.arch} x{args.wmul:g}, batch {args.batch_size}, {args.image_size}px, {device}, threads "
           f"{torch.get_num_threads()}, {'channels_last' if args.channels_last else 'nchw'}; malloc {malloc}; "
@@ -166,6 +200,10 @@ def main(argv=None):
         if memory:
             line += f"  peak {memory[label] / 2**20:8.1f} MiB"
         print(line)
+    tuner = pedconv.autotune.TUNER
+    print(f"autotune: {'on' if pedconv.is_autotune_enabled() else 'off (fixed rule)'}; {tuner.measured} key(s) "
+          f"measured in {tuner.measure_seconds:.2f} s = {tuner.measure_seconds / times['fast']:.1f} fast steps "
+          f"({100 * tuner.measure_seconds / (100 * times['fast']):.1f} % of a 100-step run)")
     for suffix in sorted({label[len(kind):] for label, kind, _, _ in variants}):
         base = f"static{suffix}"
         for kind in kinds[1:]:
@@ -177,6 +215,8 @@ def main(argv=None):
         if "reference" in kinds:
             print(f"RATIO time reference{suffix}/fast{suffix} = "
                   f"{times[f'reference{suffix}'] / times[f'fast{suffix}']:.3f}")
+    if fast_model is not None:
+        print_paths(fast_model, fast_inputs, device, amp=False)
     if args.profile:
         for label in ("static", "fast"):
             profile_step(steps[label], label, args.profile_rows)

@@ -1,13 +1,15 @@
 """Per-layer cost of PEDConv against a static convolution, for every dynamic conv shape of ResNet-18/50.
 
 For each distinct shape that the release makes dynamic (224x224 input), times forward + backward of ``nn.Conv2d``,
-of ``PEDConv2d`` on its fast path (``auto``) and on the ``reference`` path (the release's per-sample kernels), in
-``--iters`` turns after a warm-up (each turn times every variant once), and measures the peak memory of one forward
-+ backward. A shape's ratio is the median of its per-turn ratios; the totals weight each shape by how often it
+of ``PEDConv2d`` on its fast path (``auto``: measured on its first call, in the warm-up) and on the ``reference``
+path (the release's per-sample kernels), in ``--iters`` turns after a warm-up (each turn times every variant once),
+and measures the peak memory of one forward + backward. Each row names the path ``auto`` chose for the shape.
+A shape's ratio is the median of its per-turn ratios; the totals weight each shape by how often it
 occurs in the network (RATIO lines: static medians times the shapes' ratios). All within one run, on one machine:
 
     python benchmarks/pedconv_layer.py --batch-size 16                    # ResNet-18 and ResNet-50 shapes
-    python benchmarks/pedconv_layer.py --arch resnet50 --methods grouped unfold taps   # every path, per shape
+    python benchmarks/pedconv_layer.py --arch resnet50 --methods grouped unfold:conv unfold:matmul  # forced paths
+    PEDCONV_AUTOTUNE=0 python benchmarks/pedconv_layer.py     # auto = the fixed rule (no measuring)
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torchvision
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from image_classification.allocator import add_malloc_argument, configure_malloc  # noqa: E402
+import pedconv  # noqa: E402
 from pedconv import PEDConv2d  # noqa: E402
 from pedconv.convert import default_predicate  # noqa: E402
 
@@ -148,7 +151,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--methods", nargs="*", default=[], choices=["grouped", "unfold", "taps"],
+    parser.add_argument("--methods", nargs="*", default=[],
+                        choices=[m for m in pedconv.METHODS + pedconv.PATHS if m not in ("auto", "reference")],
                         help="also time these forced paths (to check the auto choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference path")
@@ -167,19 +171,21 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
     print(f"# {arch}, batch {args.batch_size}, {args.dtype}, {device}, threads {torch.get_num_threads()}, "
           f"{'channels_last' if args.channels_last else 'nchw'}; malloc {args.malloc}; forward+backward, "
           f"{args.iters} turns; times: medians; ratios: medians of the per-turn ratios")
-    header = "cin cout k s size  n |" + "".join(f" {k:>10}" for k in kinds) + " | fast/static ref/fast |"
+    header = "cin cout k s size  n |" + "".join(f" {k:>10}" for k in kinds)
+    header += " | fast/static ref/fast | auto's path    |"
     header += "" if args.no_memory else " MiB static  fast   ref | mem fast/static"
     print(header)
     totals = {kind: 0.0 for kind in kinds}
     scaled = {kind: 0.0 for kind in kinds}  # sum over shapes of count * static median * paired ratio to static
     mem_totals = {kind: 0 for kind in kinds}
     for shape, count in shapes.items():
-        steps = {
-            kind: make_step(build_layer(kind, shape, device, dtype), shape, args.batch_size, device, dtype,
-                            args.channels_last)
-            for kind in kinds
-        }
+        layers = {kind: build_layer(kind, shape, device, dtype) for kind in kinds}
+        steps = {kind: make_step(layers[kind], shape, args.batch_size, device, dtype, args.channels_last)
+                 for kind in kinds}
         step_seconds = step_times(steps, device, args.iters)
+        sample = torch.empty(args.batch_size, shape[0], shape[5], shape[5], device=device, dtype=dtype)
+        path = layers["fast"].path_for(sample.to(memory_format=torch.channels_last) if args.channels_last else sample,
+                                       training=True)
         times = medians(step_seconds)
         ratios = {kind: paired_ratio(step_seconds, kind, "static") for kind in kinds}
         memory = {} if args.no_memory else {kind: peak_memory(step, device) for kind, step in steps.items()}
@@ -191,7 +197,7 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
         line = f"{cin:>3} {cout:>4} {k} {stride} {size:>4} {count:>2} |"
         line += "".join(f" {times[kind] * 1e3:>8.1f}ms" for kind in kinds)
         ref = ratios.get("reference")
-        line += f" | {ratios['fast']:>11.2f} {ref / ratios['fast'] if ref else float('nan'):>8.2f} |"
+        line += f" | {ratios['fast']:>11.2f} {ref / ratios['fast'] if ref else float('nan'):>8.2f} | {path:<14} |"
         if not args.no_memory:
             mib = {kind: memory[kind] / 2**20 for kind in kinds}
             line += f" {mib['static']:>10.1f} {mib['fast']:>5.1f} {mib.get('reference', float('nan')):>5.1f} |"
@@ -203,6 +209,9 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
         print(f"RATIO {arch} reference/fast = {scaled['reference'] / scaled['fast']:.3f}")
     for kind in args.methods:
         print(f"RATIO {arch} {kind}/static = {scaled[kind] / scaled['static']:.3f}")
+    tuner = pedconv.autotune.TUNER
+    print(f"autotune: {'on' if pedconv.is_autotune_enabled() else 'off (fixed rule)'}, {tuner.measured} key(s) "
+          f"measured so far in {tuner.measure_seconds:.2f} s")
     if not args.no_memory:
         print("largest per-layer peak memory: "
               + " ".join(f"{kind}={mem_totals[kind] / 2**20:.1f}MiB" for kind in kinds))

@@ -350,8 +350,8 @@ def dynamic_layers(model: nn.Module) -> List[PEDConv2d]:
 
 def set_pedconv_method(model: nn.Module, method: str) -> nn.Module:
     """Set the forward path (``auto``, ``grouped``, ``unfold``, ``reference``) of every PEDConv layer."""
-    if method not in pedconv.METHODS:
-        raise ValueError(f"unknown PEDConv method {method!r}; valid: {', '.join(pedconv.METHODS)}")
+    if method not in pedconv.METHODS + pedconv.PATHS:
+        raise ValueError(f"unknown PEDConv method {method!r}; valid: {', '.join(pedconv.METHODS + pedconv.PATHS)}")
     for layer in dynamic_layers(model):
         layer.method = method
     return model

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import pedconv
 from dataloading.common import DataError
 
 from . import affinity, checkpoints, distributed, workspace
@@ -490,6 +491,8 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
                 logger.info("stopped during epoch %d (exit status %d); resume with --resume %s", epoch, status,
                             os.path.join(args.workspace, args.checkpoint_filename))
                 return status
+            if epoch == start_epoch and args.dynamic:
+                logger.debug("%s", pedconv.autotune_report())
             epoch_results = {**dict.fromkeys(keys), **train_results}
             is_best = False
             if not args.training_only:

@@ -172,6 +172,8 @@ class Trainer:
         # included; plain cross-entropy with mixup); None: plain cross-entropy. val.cross_entropy is always plain.
         self.val_criterion = val_criterion
         self.last_train_iteration = 0  # validation steps are [epoch, last training iteration, val iteration]
+        # PEDConv's measured paths are sent from rank 0 once for training and once for evaluation (share_choices)
+        self._choices_shared = self._eval_choices_shared = False
 
     def _no_sync(self, sync: bool):
         if sync or not hasattr(self.model, "no_sync"):
@@ -206,6 +208,11 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(self.inner_model)
             interval.add(iteration, loss, infomax, self.precision.scale_on_device(), data_time, images.shape[0])
+            if self.context.distributed and not self._choices_shared:
+                # The first step measured PEDConv's paths on rank 0 (other ranks took the fixed rule): from now on
+                # every rank runs rank 0's choices.
+                pedconv.share_choices()
+                self._choices_shared = True
             last = iteration >= steps
             if last or iteration % self.report.print_freq == 0:
                 if self._log_interval(interval, epoch, lr, averages):
@@ -328,6 +335,9 @@ class Trainer:
                 break
             end = time.perf_counter()
         all_reduce_sum(totals, self.context)
+        if self.context.distributed and not self._eval_choices_shared:
+            pedconv.share_choices()  # the evaluation keys (forward only) measured on rank 0
+            self._eval_choices_shared = True
         images_seen = max(totals[4].item(), 1.0)
         results = averages.means()
         results.update({

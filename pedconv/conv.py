@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import METHODS, _pair, global_avg_pool, pedconv2d
+from . import autotune
+from .functional import _memory_format_of, _pair, check_method, global_avg_pool, layer_spec, method_path, pedconv2d
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -81,8 +82,9 @@ class PEDConv2d(nn.Module):
         noise_std: std of the Gaussian noise added to the gate logits in training mode; a plain attribute,
             set it to 0 to turn the noise off.
         info_max: compute the info-max loss in training mode (read it with :func:`pedconv.info_max_loss`).
-        method: forward path, ``auto`` (default: the fastest exact path for the layer's shape), ``grouped``,
-            ``unfold`` or ``reference`` (the release's per-sample kernels); see :mod:`pedconv.functional`.
+        method: forward path, ``auto`` (default: the fastest exact path for the layer's shape, measured where it
+            runs, see :mod:`pedconv.autotune`), ``grouped``, ``unfold``, ``taps``, ``reference`` (the release's
+            per-sample kernels) or one of ``pedconv.PATHS``; see :mod:`pedconv.functional`.
 
     Initialization is the release's: ``weight`` Kaiming normal (fan_out, ReLU), every Linear N(0, 0.01^2) with
     zero bias, ``bias`` (when asked) zero.
@@ -113,8 +115,7 @@ class PEDConv2d(nn.Module):
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must divide by groups ({groups})")
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        if method not in METHODS:
-            raise ValueError(f"unknown PEDConv method {method!r}; expected one of {', '.join(METHODS)}")
+        check_method(method)
         if padding_mode != "zeros":
             raise ValueError(f"PEDConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
         self.in_channels = in_channels
@@ -197,6 +198,23 @@ class PEDConv2d(nn.Module):
             x, self.weight, gate_out, gate_in, gate_tap, self.bias,
             self.stride, self.padding, self.dilation, self.groups, self.method,
         )
+
+    def path_for(self, x: torch.Tensor, training: Optional[bool] = None) -> str:
+        """The path this layer runs for an input like ``x`` (a tensor or a meta tensor of its shape) in training
+        (default: ``self.training``) or evaluation: for ``auto`` the one chosen so far for its key, else the fixed
+        rule's (the first call with a new key may still measure)."""
+        if self.method == "reference":
+            return "reference"
+        training = self.training if training is None else training
+        if self.method != "auto":
+            return method_path(self.method, x.device.type, self.kernel_size, self.groups, self.padding)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        layer = layer_spec(x.shape, x.device, dtype, _memory_format_of(x) == torch.channels_last, self.weight.shape,
+                           self.rank, self.stride, self.padding, self.dilation, self.groups, (training,) * 5)
+        decision = autotune.lookup(layer)
+        if decision is None or not autotune.is_autotune_enabled() or torch.are_deterministic_algorithms_enabled():
+            return layer.fixed
+        return decision.path
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -1,0 +1,287 @@
+"""PEDConv's measured path choice (pedconv.autotune): once per key, candidates, cache, switches, ranks, compile.
+
+Timings come from a fake clock: each candidate run advances it by a cost chosen by the test, so which path wins is
+decided by the test, not by the machine."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import pedconv
+import pedconv.functional as functional
+from pedconv import PEDConv2d, autotune
+
+
+class FakeClock:
+    """Advances by ``costs[path]`` (default 1.0) whenever a path runs; records the runs."""
+
+    def __init__(self, costs):
+        self.now = 0.0
+        self.costs = costs
+        self.runs = []
+
+    def __call__(self):
+        return self.now
+
+
+def fake_clock(monkeypatch, costs, fail=()):
+    clock = FakeClock(costs)
+    real = functional.run_path
+
+    def run_path(path, *args, **kwargs):
+        clock.runs.append(path)
+        clock.now += costs.get(path, 1.0)
+        if path in fail:
+            raise RuntimeError(f"{path} is broken here")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(functional, "run_path", run_path)
+    autotune.TUNER.clock = clock
+    return clock
+
+
+@pytest.fixture
+def measuring(monkeypatch):
+    monkeypatch.setenv(autotune.ENV_SWITCH, "1")
+    autotune.TUNER.reset()
+
+
+def layer_and_input(k=3, stride=1, cin=8, cout=8, size=6, batch=6, seed=0):
+    torch.manual_seed(seed)
+    layer = PEDConv2d(cin, cout, k, stride, k // 2, reduction=4, noise_std=0.0)
+    return layer, torch.randn(batch, cin, size, size, requires_grad=True)
+
+
+def train_step(layer, x):
+    layer.train()
+    layer(x).square().sum().backward()
+
+
+def test_choice_is_made_once_per_key_and_reused(measuring, monkeypatch):
+    clock = fake_clock(monkeypatch, {"unfold:matmul": 0.1})
+    layer, x = layer_and_input()
+    for _ in range(3):
+        train_step(layer, x)
+    assert autotune.TUNER.measured == 1
+    # Each candidate once, the best (the only one within 3x of it) again, then the three steps on the choice.
+    assert clock.runs == ["grouped", "grouped:chunks", "unfold:conv", "unfold:matmul"] + ["unfold:matmul"] * 4
+    assert layer.path_for(x, training=True) == "unfold:matmul"
+    train_step(layer, x[:5])  # another batch of the same bucket (<= 8): same key
+    assert autotune.TUNER.measured == 1
+    with torch.no_grad():
+        layer.eval()(x)  # evaluation is keyed separately, and measured forward only
+        layer(x)
+    assert autotune.TUNER.measured == 2
+    train_step(layer, torch.randn(9, 8, 6, 6))  # batch bucket 16: a new key
+    assert autotune.TUNER.measured == 3
+    report = pedconv.autotune_report()
+    assert report.count(" train: ") == 2 and report.count(" eval: ") == 1
+    assert "unfold:matmul (measured; unfold:matmul 100.00 ms, grouped 1000.00 ms" in report
+
+
+def test_candidate_sets_per_shape(monkeypatch):
+    assert functional.candidate_paths("cpu", 16, (1, 1), 1, (0, 0), True) == ["pointwise:per-sample",
+                                                                             "pointwise:shared"]
+    assert functional.candidate_paths("cpu", 16, (1, 1), 2, (0, 0), True) == ["pointwise:shared"]
+    assert functional.candidate_paths("cpu", 16, (3, 3), 1, (1, 1), True) == [
+        "grouped", "grouped:chunks", "unfold:conv", "unfold:matmul"]
+    assert functional.candidate_paths("cpu", 16, (3, 3), 1, (1, 1), False)[-1] == "taps"  # evaluation only
+    assert functional.candidate_paths("cpu", 4, (3, 3), 1, (1, 1), True) == ["grouped", "unfold:conv",
+                                                                            "unfold:matmul"]
+    assert functional.candidate_paths("cpu", 16, (3, 3), 2, (1, 1), True) == ["grouped", "grouped:chunks"]
+    monkeypatch.setattr(functional, "METHODS", functional.METHODS + ("triton",))
+    assert functional.candidate_paths("cuda", 16, (3, 3), 1, (1, 1), True)[-1] == "triton"
+    assert "triton" not in functional.candidate_paths("cpu", 16, (3, 3), 1, (1, 1), True)
+
+
+def test_measured_path_is_exact_and_a_failing_path_is_dropped_with_one_warning(measuring, monkeypatch):
+    fake_clock(monkeypatch, {"grouped:chunks": 0.1, "unfold:conv": 0.2}, fail=("grouped:chunks",))
+    layer, x = layer_and_input()
+    reference, _ = layer_and_input()
+    reference.method = "reference"
+    with pytest.warns(RuntimeWarning, match="'grouped:chunks' failed while measured and is dropped") as caught:
+        out = layer.train()(x)
+        train_step(layer, x)
+    assert len([w for w in caught if "dropped" in str(w.message)]) == 1
+    assert layer.path_for(x, training=True) == "unfold:conv"
+    torch.testing.assert_close(out, reference.train()(x), rtol=1e-5, atol=1e-6)
+    assert "dropped: grouped:chunks (RuntimeError: grouped:chunks is broken here)" in pedconv.autotune_report()
+
+
+def test_cache_round_trip_and_entries_of_another_machine(measuring, monkeypatch, tmp_path):
+    path = tmp_path / "cache" / "autotune.json"
+    other_key = "cpu | Some Other CPU | torch 0.0 | threads 2 | float32 | ... | train"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"format": autotune.CACHE_FORMAT,
+                                "entries": {other_key: {"path": "taps", "times_ms": {"taps": 1.0}}}}))
+    monkeypatch.setenv(autotune.ENV_CACHE, str(path))
+    autotune.TUNER.reset()
+    fake_clock(monkeypatch, {"unfold:matmul": 0.1})
+    layer, x = layer_and_input()
+    train_step(layer, x)
+    assert autotune.TUNER.measured == 1  # the other machine's entry does not serve this one
+    entries = json.loads(path.read_text())["entries"]
+    assert entries[other_key]["path"] == "taps"
+    (key,) = [k for k in entries if k != other_key]
+    assert entries[key]["path"] == "unfold:matmul"
+    assert f" | {autotune.device_name('cpu')} | torch {torch.__version__} | " in key
+    assert [p.name for p in path.parent.iterdir()] == ["autotune.json"]  # no temporary file left
+
+    autotune.TUNER.reset()  # a new process: the choice comes from the file, nothing is measured
+    clock = fake_clock(monkeypatch, {})
+    train_step(layer, x)
+    assert autotune.TUNER.measured == 0 and clock.runs == ["unfold:matmul"]
+    assert "unfold:matmul (cache;" in pedconv.autotune_report()
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": "something-else", "entries": {}}),
+                                     json.dumps({"format": autotune.CACHE_FORMAT, "entries": {"k": 3}})])
+def test_a_corrupt_or_foreign_cache_is_ignored_with_a_warning_and_left_alone(measuring, monkeypatch, tmp_path,
+                                                                             content):
+    path = tmp_path / "autotune.json"
+    path.write_text(content)
+    monkeypatch.setenv(autotune.ENV_CACHE, str(path))
+    autotune.TUNER.reset()
+    fake_clock(monkeypatch, {"unfold:matmul": 0.1})
+    layer, x = layer_and_input()
+    with pytest.warns(RuntimeWarning, match="autotune cache .* ignored"):
+        train_step(layer, x)
+    assert layer.path_for(x, training=True) == "unfold:matmul"  # measured, kept in memory
+    assert path.read_text() == content
+
+
+def test_an_unwritable_cache_location_keeps_the_choices_in_memory(measuring, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(autotune.ENV_CACHE, str(blocker / "autotune.json"))  # its folder cannot be made
+    autotune.TUNER.reset()
+    fake_clock(monkeypatch, {"unfold:matmul": 0.1})
+    layer, x = layer_and_input()
+    with pytest.warns(RuntimeWarning, match="cannot be written"):
+        train_step(layer, x)
+    train_step(layer, x)
+    assert autotune.TUNER.measured == 1 and layer.path_for(x, training=True) == "unfold:matmul"
+
+
+SHAPES = [(3, 1, 8, 8, 6), (3, 2, 8, 16, 9), (3, 1, 32, 32, 3), (1, 1, 16, 8, 5), (1, 2, 64, 8, 3)]
+
+
+@pytest.mark.parametrize("switch", ["set_autotune", "environment", "deterministic"])
+def test_measuring_off_runs_the_fixed_rule(measuring, monkeypatch, switch):
+    if switch == "set_autotune":
+        pedconv.set_autotune(False)  # undone by conftest's reset after the test
+    elif switch == "environment":
+        monkeypatch.setenv(autotune.ENV_SWITCH, "0")
+    else:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        clock = fake_clock(monkeypatch, {})
+        for k, stride, cin, cout, size in SHAPES:
+            layer, x = layer_and_input(k, stride, cin, cout, size)
+            out_size = functional.conv_output_size((size, size), (k, k), (stride,) * 2, (k // 2,) * 2, (1, 1))
+            fixed = functional.method_path(functional.choose_method(6, cin, cout, (k, k), 1, out_size), "cpu",
+                                           (k, k), 1, (k // 2,) * 2)
+            table = PEDConv2d(cin, cout, k, stride, k // 2, reduction=4, noise_std=0.0, method=fixed)
+            table.load_state_dict(layer.state_dict())
+            clock.runs.clear()
+            assert torch.equal(layer.train()(x), table.train()(x))
+            assert clock.runs == [fixed, fixed]
+            assert layer.path_for(x) == fixed
+        assert autotune.TUNER.measured == 0
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert not pedconv.is_autotune_enabled() or switch == "deterministic"
+
+
+def test_nothing_is_measured_while_tracing_or_under_torch_func(measuring, monkeypatch):
+    fake_clock(monkeypatch, {})
+    layer, x = layer_and_input()
+    layer.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, x.detach(), check_trace=False)
+    torch.testing.assert_close(traced(x.detach()), layer(x.detach()), rtol=1e-5, atol=1e-6)
+    autotune.TUNER.reset()
+    autotune.TUNER.clock = lambda: 0.0
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x.detach(),)).sum())(params)
+    torch.func.vmap(lambda sample: layer(sample[None]))(x.detach())
+    assert autotune.TUNER.measured == 0
+
+
+def _ranks_agree_worker(rank, world_size, store, results, costs):
+    os.environ[autotune.ENV_SWITCH] = "1"
+    os.environ[autotune.ENV_CACHE] = ""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        autotune.TUNER.reset()
+        autotune.TUNER.clock = FakeClock(costs[rank])
+        real = functional.run_path
+
+        def run_path(path, *args, **kwargs):
+            autotune.TUNER.clock.now += costs[rank].get(path, 1.0)
+            return real(path, *args, **kwargs)
+
+        functional.run_path = run_path
+        layer, x = layer_and_input()
+        train_step(layer, x)
+        before = layer.path_for(x, training=True)
+        shared = pedconv.share_choices()
+        after = layer.path_for(x, training=True)
+        with open(f"{results}.{rank}", "w") as file:
+            json.dump({"measured": autotune.TUNER.measured, "before": before, "after": after, "shared": shared,
+                       "report": pedconv.autotune_report()}, file)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_take_rank_zeros_choices(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # Rank 0 would pick unfold:matmul, rank 1 (if it measured) grouped:chunks; the fixed rule says grouped.
+    costs = [{"unfold:matmul": 0.1}, {"grouped:chunks": 0.1}]
+    torch.multiprocessing.spawn(_ranks_agree_worker, args=(2, tmp_path / "store", tmp_path / "result", costs),
+                                nprocs=2)
+    results = [json.loads((tmp_path / f"result.{rank}").read_text()) for rank in range(2)]
+    assert results[0]["measured"] == 1 and results[1]["measured"] == 0
+    assert results[0]["before"] == "unfold:matmul" and results[1]["before"] == "grouped"
+    assert results[0]["after"] == results[1]["after"] == "unfold:matmul"
+    assert results[0]["shared"] == results[1]["shared"] == 1
+    assert "unfold:matmul (rank 0;" in results[1]["report"]
+
+
+def test_compiled_model_equals_eager_on_every_path_without_graph_breaks(measuring):
+    """One small model with a layer on each path (and one on auto, measured while compiling)."""
+    paths = ["grouped", "grouped:chunks", "unfold:conv", "unfold:matmul", "taps", "auto"]
+
+    def build():
+        torch.manual_seed(0)
+        layers = [PEDConv2d(8, 8, 3, 1, 1, reduction=4, noise_std=0.0, method=path) for path in paths]
+        layers += [PEDConv2d(8, 8, 3, 1, 1, groups=2, reduction=4, noise_std=0.0, method="unfold"),  # unfold:plain
+                   PEDConv2d(8, 16, 1, reduction=4, noise_std=0.0, method="pointwise:per-sample"),
+                   PEDConv2d(16, 8, 1, reduction=4, noise_std=0.0, method="pointwise:shared")]
+        for layer in layers:
+            for linear in layer.attn.modules():
+                if isinstance(linear, nn.Linear):
+                    nn.init.normal_(linear.weight, 0, 0.5)
+        return nn.Sequential(*layers).train()
+
+    x = torch.randn(5, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    eager, compiled_model = build(), build()
+    explained = torch._dynamo.explain(compiled_model)(x.clone().requires_grad_(True))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model)
+    outputs, grads = [], []
+    for model in (eager, compiled):
+        leaf = x.clone().requires_grad_(True)
+        out = model(leaf)
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + pedconv.info_max_loss(model)
+        loss.backward()
+        outputs.append(out)
+        grads.append([leaf.grad] + [p.grad for p in model.parameters()])
+    assert outputs[1].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    for compiled_grad, eager_grad in zip(grads[1], grads[0]):
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
