@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import METHODS, _pair, global_avg_pool, pedconv2d
+from .functional import METHODS, _pair, check_triton_groups, global_avg_pool, pedconv2d
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -82,7 +82,8 @@ class PEDConv2d(nn.Module):
             set it to 0 to turn the noise off.
         info_max: compute the info-max loss in training mode (read it with :func:`pedconv.info_max_loss`).
         method: forward path, ``auto`` (default: the fastest exact path for the layer's shape), ``grouped``,
-            ``unfold`` or ``reference`` (the release's per-sample kernels); see :mod:`pedconv.functional`.
+            ``unfold``, ``taps``, ``reference`` (the release's per-sample kernels) or ``triton`` (fused Triton
+            kernels on CUDA, groups=1 only; never chosen by ``auto`` on the CPU); see :mod:`pedconv.functional`.
 
     Initialization is the release's: ``weight`` Kaiming normal (fan_out, ReLU), every Linear N(0, 0.01^2) with
     zero bias, ``bias`` (when asked) zero.
@@ -115,6 +116,8 @@ class PEDConv2d(nn.Module):
             raise ValueError(f"rank must be >= 1, got {rank}")
         if method not in METHODS:
             raise ValueError(f"unknown PEDConv method {method!r}; expected one of {', '.join(METHODS)}")
+        if method == "triton":
+            check_triton_groups(groups)
         if padding_mode != "zeros":
             raise ValueError(f"PEDConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
         self.in_channels = in_channels

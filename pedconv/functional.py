@@ -42,12 +42,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-METHODS = ("auto", "grouped", "unfold", "taps", "reference")
+METHODS = ("auto", "grouped", "unfold", "taps", "reference", "triton")
 
 IntPair = Tuple[int, int]
 
@@ -442,6 +443,31 @@ def _taps_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dila
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Triton path: fused kernels in pedconv/triton/, imported on first use only.
+
+
+def check_triton_groups(groups: int) -> None:
+    """The Triton kernels cover groups=1 (every convolution of the ResNets): a clear error otherwise."""
+    if groups != 1:
+        raise ValueError(f"PEDConv method 'triton' supports groups=1 only, got groups={groups}; "
+                         f"use method='auto' for grouped convolutions")
+
+
+def triton_path(device: torch.device):
+    """The :mod:`pedconv.triton` module, imported here on first use: on CUDA tensors, or on CPU tensors under
+    Triton's interpreter (``TRITON_INTERPRET=1``, for tests). Elsewhere a RuntimeError saying what is missing."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"PEDConv method 'triton' runs on CUDA tensors (got a {device.type} tensor); "
+                           f"on the CPU only under Triton's interpreter (TRITON_INTERPRET=1, slow: for tests)")
+    try:
+        from . import triton as triton_module
+    except ImportError as error:
+        raise RuntimeError(f"PEDConv method 'triton' needs the triton package ({error}); it comes with PyTorch's "
+                           f"CUDA wheels on Linux, else: pip install triton") from error
+    return triton_module
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def pedconv2d(
@@ -460,13 +486,21 @@ def pedconv2d(
     """PEDConv forward: y_b = conv2d(x_b, W0 * A_b) with A_b the rank-R CP product of the three gates.
 
     Gates have shape (B, R, C) with C = Cout, Cin/groups and kh*kw. ``method`` is one of ``auto`` (fastest exact
-    path for the shape), ``grouped``, ``unfold`` or ``reference`` (see the module docstring). The output keeps
-    the input's memory format (channels_last in, channels_last out).
+    path for the shape), ``grouped``, ``unfold``, ``taps``, ``reference`` (see the module docstring) or
+    ``triton`` (fused Triton kernels, CUDA only, groups=1; see :mod:`pedconv.triton`). The output keeps the
+    input's memory format (channels_last in, channels_last out).
     """
     if method not in METHODS:
         raise ValueError(f"unknown PEDConv method {method!r}; expected one of {', '.join(METHODS)}")
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     channels_last = _memory_format_of(x) == torch.channels_last
+    if method == "triton":
+        check_triton_groups(groups)
+        if not (_is_exporting() or torch._C._are_functorch_transforms_active()):
+            out = triton_path(x.device).pedconv2d_triton(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation)
+            return _finish(out, bias, channels_last)
+        # A graph being exported or a torch.func transform gets the plain ops of the shared-weight path.
+        method = "unfold"
     if method == "reference":
         return pedconv2d_reference(x, weight, gate_out, gate_in, gate_tap, bias, stride, padding, dilation, groups)
     out_channels, _, kh, kw = weight.shape
