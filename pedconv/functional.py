@@ -26,6 +26,9 @@ Three ways to compute it, all equal up to rounding:
   (``COLUMN_CHUNK_BYTES`` of columns), so the columns of a chunk are still cached when the GEMM reads them and never
   exist for the whole batch. Its backward is written by hand so that the weight gradient is one GEMM (accumulated
   over the chunks) too: autograd through a broadcast matmul would build B weight-sized partial gradients.
+- ``triton`` (CUDA, groups=1; selected only by request): fused Triton kernels, the gates applied inside an
+  implicit-GEMM convolution and its backward (see :mod:`pedconv.triton`, imported on first use). GPU speed
+  unmeasured.
 
 On the CPU much of these paths' cost over a static convolution is memory traffic, some of it first touches of fresh
 large buffers (page faults, when malloc hands freed memory back to the system: the training CLI and the benchmarks
@@ -497,7 +500,8 @@ def pedconv2d(
     if method == "triton":
         check_triton_groups(groups)
         if not (_is_exporting() or torch._C._are_functorch_transforms_active()):
-            out = triton_path(x.device).pedconv2d_triton(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation)
+            fused = triton_path(x.device).pedconv2d_triton
+            out = fused(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation)
             return _finish(out, bias, channels_last)
         # A graph being exported or a torch.func transform gets the plain ops of the shared-weight path.
         method = "unfold"

@@ -29,6 +29,7 @@ SHAPES = {
     "3x3-dilation2-rect": (20, 8, 3, 1, 2, 2, 9, 7, 3, True),
     "3x3-pad0": (32, 16, 3, 1, 0, 1, 7, 7, 2, False),
     "3x3-stride2-dilation2": (8, 16, 3, 2, 1, 2, 9, 9, 2, False),
+    "3x3-stride2-width1": (8, 8, 3, 2, 1, 1, 5, 1, 2, False),  # a stride class without a column
     "1x1": (32, 16, 1, 1, 0, 1, 6, 6, 3, True),
     "1x1-stride2-odd": (16, 24, 1, 2, 0, 1, 9, 9, 2, False),
 }
@@ -249,10 +250,14 @@ def test_cpu_tensor_without_the_interpreter_is_refused(monkeypatch):
 
 
 def test_import_and_the_cpu_default_path_never_import_triton():
-    code = ("import sys, torch, pedconv\n"
+    # Compared with what importing torch alone brings in (none with torch 2.14; another torch may differ).
+    code = ("import sys, torch\n"
+            "def tritons(): return {m for m in sys.modules if m == 'triton' or m.startswith(('triton.', 'pedconv.t'))}\n"
+            "before = tritons()\n"
+            "import pedconv\n"
             "layer = pedconv.PEDConv2d(8, 8, 3, padding=1)\n"
             "layer(torch.randn(2, 8, 6, 6)).sum().backward()\n"
-            "print(sorted(m for m in sys.modules if m == 'triton' or m.startswith(('triton.', 'pedconv.triton'))))\n")
+            "print(sorted(tritons() - before))\n")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -298,3 +303,26 @@ def test_resnet_layers_in_bfloat16_and_float32_on_cuda(name, dtype, monkeypatch)
     # float32 runs its products in TF32 when cuDNN may (the default): a tolerance for TF32's 10-bit mantissa.
     actual, reference, _ = triton_and_reference(resnet_layer_shapes()[name], dtype, "cuda")
     assert_all_close(actual, reference, 3e-2 if dtype == torch.bfloat16 else 1e-2)
+
+
+def test_layer_benchmark_refuses_triton_on_the_cpu(capsys):
+    from benchmarks import pedconv_layer
+
+    with pytest.raises(SystemExit) as exit_info:
+        pedconv_layer.main(["--device", "cpu", "--methods", "triton"])
+    assert exit_info.value.code == 2
+    assert "--methods triton needs --device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@needs_cuda
+@needs_triton
+def test_layer_benchmark_times_triton_against_static_and_per_sample_kernels(capsys, monkeypatch):
+    from benchmarks import pedconv_layer
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pedconv_layer.main(["--device", "cuda", "--arch", "resnet18", "-b", "2", "--iters", "1", "--no-memory", "--amp",
+                        "--channels-last", "--methods", "triton", "grouped"])
+    out = capsys.readouterr().out
+    for ratio in ("triton/static", "grouped/static", "grouped/triton", "reference/triton"):
+        assert f"RATIO resnet18 {ratio} = " in out

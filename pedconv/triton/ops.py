@@ -59,7 +59,8 @@ def _check(x, weight, gate_out, gate_in, gate_tap):
         raise ValueError(f"triton_conv2d expects 4-D input and weight, got {tuple(x.shape)} and {tuple(weight.shape)}")
     batch, channels = x.shape[:2]
     if weight.shape[1] != channels:
-        raise ValueError(f"triton_conv2d supports groups=1 only: weight {tuple(weight.shape)} for {channels} input channels")
+        raise ValueError(f"triton_conv2d supports groups=1 only: weight {tuple(weight.shape)} for {channels} "
+                         f"input channels")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or weight.dtype != x.dtype:
         raise ValueError(f"triton_conv2d needs input and weight of one dtype among float16, bfloat16, float32, "
                          f"got {x.dtype} and {weight.dtype}")
@@ -86,6 +87,13 @@ def _strides(prefix: str, t: torch.Tensor) -> dict:
 
 def _weight_strides(weight: torch.Tensor) -> dict:
     return {f"sw{axis}": stride for axis, stride in zip("ochw", weight.stride())}
+
+
+def _weight_along(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """W0 (O, C, KH, KW) with memory dense along ``axis`` (0: output channels, 1: input channels), the axis that a
+    kernel's weight tile runs along, so that the tile's loads are contiguous. A weight-sized copy at most."""
+    other = 1 - axis
+    return weight.permute(2, 3, other, axis).contiguous().permute(2 + (axis == 0), 2 + (axis == 1), 0, 1)
 
 
 @torch.library.custom_op("pedconv::triton_conv2d", mutates_args=())
@@ -120,6 +128,7 @@ def triton_conv2d(
         return (triton.cdiv(out_size[0] * out_size[1], meta["BLOCK_M"]),
                 triton.cdiv(args["O"], meta["BLOCK_N"]), args["B"])
 
+    weight = _weight_along(weight, 0)  # the B operand's tile: input channels x output channels
     built.forward[grid](
         x, weight, gate_out, gate_in, gate_tap, out, raw if keep_raw else out,
         **args, **_strides("sx", x), **_weight_strides(weight), WRITE_RAW=keep_raw,
@@ -165,7 +174,8 @@ def triton_conv2d_backward(
     interpret = _interpreting(x)
     built = kernels.build(interpret)
     x, grad = _nhwc(x), _nhwc(grad)
-    gate_out, gate_in, gate_tap, raw = gate_out.contiguous(), gate_in.contiguous(), gate_tap.contiguous(), _nhwc(raw) if raw.dim() == 4 else raw
+    gate_out, gate_in, gate_tap = gate_out.contiguous(), gate_in.contiguous(), gate_tap.contiguous()
+    raw = _nhwc(raw) if raw.dim() == 4 else raw  # empty when the output gate's gradient is not asked for
     out_size = tuple(grad.shape[-2:])
     args = _conv_args(x, weight, stride, padding, dilation, out_size)
     dot_dtype, precision = _dot_dtype(x.dtype, interpret), _input_precision(x.dtype)
@@ -178,9 +188,10 @@ def triton_conv2d_backward(
             return (triton.cdiv(class_pixels, meta["BLOCK_M"]),
                     triton.cdiv(args["C"], meta["BLOCK_N"]), args["B"] * stride_classes)
 
+        weight_by_input = _weight_along(weight, 1)  # the B operand's tile: output channels x input channels
         built.input_grad[grid](
-            grad, weight, gate_out, gate_in, gate_tap, grads[0],
-            **args, **_strides("sg", grad), **_weight_strides(weight),
+            grad, weight_by_input, gate_out, gate_in, gate_tap, grads[0],
+            **args, **_strides("sg", grad), **_weight_strides(weight_by_input),
             DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, **built.conv_config,
         )
     if need_weight or need_out or need_in or need_tap:
