@@ -165,6 +165,13 @@ def test_custom_op_passes_torch_library_checks(interpreter):
     args = (x, weight, gate_out[:, 0].detach().requires_grad_(True), gate_in[:, 0].detach().requires_grad_(True),
             gate_tap[:, 0].detach().requires_grad_(True), [2, 2], [0, 0], [1, 1], True)
     torch.library.opcheck(triton_conv2d, args)
+    from pedconv.triton import triton_conv2d_backward
+
+    out, raw = triton_conv2d(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    grad = torch.randn_like(out)
+    backward_args = (grad, x.detach(), weight.detach(), *[a.detach() for a in args[2:5]], raw, [2, 2], [0, 0], [1, 1])
+    for output_mask in ([True] * 5, [True, False, False, True, False]):
+        torch.library.opcheck(triton_conv2d_backward, backward_args + (output_mask,))
 
 
 @needs_triton
