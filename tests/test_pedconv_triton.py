@@ -256,6 +256,15 @@ def test_cpu_tensor_without_the_interpreter_is_refused(monkeypatch):
         layer(torch.randn(1, 8, 5, 5))
 
 
+def test_missing_triton_is_named_with_how_to_install(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delattr(pedconv, "triton", raising=False)
+    monkeypatch.setitem(sys.modules, "pedconv.triton", None)  # as if its import of triton failed
+    layer = pedconv.PEDConv2d(8, 8, 3, padding=1, method="triton")
+    with pytest.raises(RuntimeError, match="needs the triton package .*pip install triton"):
+        layer(torch.randn(1, 8, 5, 5))
+
+
 def test_import_and_the_cpu_default_path_never_import_triton():
     # Compared with what importing torch alone brings in (none with torch 2.14; another torch may differ).
     code = ("import sys, torch\n"
