@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The choices are pedconv.METHODS + pedconv.PATHS, spelled out: main.py imports no torch before parsing.
     model.add_argument("--pedconv-method", default="auto", choices=[
                            "auto", "grouped", "unfold", "taps", "reference", "grouped:chunks", "unfold:conv",
-                           "unfold:matmul", "unfold:plain", "pointwise:per-sample", "pointwise:shared"],
+                           "unfold:matmul", "unfold:plain", "pointwise:per-sample", "pointwise:shared", "triton"],
                        help="PEDConv forward path (auto: measured fastest per layer shape, see PEDCONV_AUTOTUNE; "
                             "reference: the release's per-sample kernels)")
     model.add_argument("--pretrained-weights", "--pretrained-from-file", dest="pretrained_weights", default=None,

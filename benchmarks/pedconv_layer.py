@@ -10,6 +10,12 @@ occurs in the network (RATIO lines: static medians times the shapes' ratios). Al
     python benchmarks/pedconv_layer.py --batch-size 16                    # ResNet-18 and ResNet-50 shapes
     python benchmarks/pedconv_layer.py --arch resnet50 --methods grouped unfold:conv unfold:matmul  # forced paths
     PEDCONV_AUTOTUNE=0 python benchmarks/pedconv_layer.py     # auto = the fixed rule (no measuring)
+    python benchmarks/pedconv_layer.py --device cuda --amp --channels-last -b 64 --methods triton grouped
+
+The last measures the fused Triton kernels (``triton``) against cuDNN's static convolution and
+the per-sample-kernel paths (``grouped``, and ``reference``, the release's), under AMP float16 (RATIO lines
+``triton/static``, ``grouped/triton``, ``reference/triton``). The first turn of each shape includes Triton's
+autotuning; the warm-up turns absorb it.
 """
 from __future__ import annotations
 
@@ -60,7 +66,7 @@ def build_layer(kind: str, shape, device, dtype):
     return layer.to(device=device, dtype=dtype).train()
 
 
-def make_step(layer, shape, batch, device, dtype, channels_last):
+def make_step(layer, shape, batch, device, dtype, channels_last, amp=False):
     cin, _, _, _, _, size = shape
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, cin, size, size, device=device, dtype=dtype).to(memory_format=memory_format)
@@ -69,7 +75,9 @@ def make_step(layer, shape, batch, device, dtype, channels_last):
 
     def step():
         nonlocal grad
-        out = layer(x)
+        with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                            enabled=amp):
+            out = layer(x)
         if grad is None:
             grad = torch.randn_like(out)
         out.backward(grad)
@@ -151,14 +159,19 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--amp", action="store_true",
+                        help="run the layers under autocast (float16 on CUDA, bfloat16 on the CPU), weights float32")
     parser.add_argument("--methods", nargs="*", default=[],
                         choices=[m for m in pedconv.METHODS + pedconv.PATHS if m not in ("auto", "reference")],
-                        help="also time these forced paths (to check the auto choice)")
+                        help="also time these forced paths (to check the auto choice; triton: CUDA only)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference path")
     add_malloc_argument(parser)
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if "triton" in args.methods and device.type != "cuda":
+        parser.error("--methods triton needs --device cuda (on the CPU the kernels run only under Triton's "
+                     "interpreter, far too slow to time)")
     args.malloc = configure_malloc(args.default_malloc)
     torch.manual_seed(0)
     for arch in args.arch:
@@ -169,7 +182,8 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
     kinds = ["static", "fast"] + list(args.methods) + ([] if args.no_reference else ["reference"])
     shapes = dynamic_conv_shapes(arch)
     print(f"# {arch}, batch {args.batch_size}, {args.dtype}, {device}, threads {torch.get_num_threads()}, "
-          f"{'channels_last' if args.channels_last else 'nchw'}; malloc {args.malloc}; forward+backward, "
+          f"{'channels_last' if args.channels_last else 'nchw'}{', autocast' if args.amp else ''}; "
+          f"malloc {args.malloc}; forward+backward, "
           f"{args.iters} turns; times: medians; ratios: medians of the per-turn ratios")
     header = "cin cout k s size  n |" + "".join(f" {k:>10}" for k in kinds)
     header += " | fast/static ref/fast | auto's path    |"
@@ -180,7 +194,7 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
     mem_totals = {kind: 0 for kind in kinds}
     for shape, count in shapes.items():
         layers = {kind: build_layer(kind, shape, device, dtype) for kind in kinds}
-        steps = {kind: make_step(layers[kind], shape, args.batch_size, device, dtype, args.channels_last)
+        steps = {kind: make_step(layers[kind], shape, args.batch_size, device, dtype, args.channels_last, args.amp)
                  for kind in kinds}
         step_seconds = step_times(steps, device, args.iters)
         sample = torch.empty(args.batch_size, shape[0], shape[5], shape[5], device=device, dtype=dtype)
@@ -202,6 +216,11 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
             mib = {kind: memory[kind] / 2**20 for kind in kinds}
             line += f" {mib['static']:>10.1f} {mib['fast']:>5.1f} {mib.get('reference', float('nan')):>5.1f} |"
             line += f" {memory['fast'] / memory['static']:>15.2f}"
+        for kind in args.methods:
+            line += f" {kind}/static {ratios[kind]:.2f}"
+        if "triton" in args.methods:
+            line += "".join(f" {kind}/triton {paired_ratio(step_seconds, kind, 'triton'):.2f}"
+                            for kind in ("grouped", "reference") if kind in step_seconds)
         print(line, flush=True)
     print("total of medians (weighted by occurrences):" + "".join(f" {kind}={totals[kind]:.3f}s" for kind in kinds))
     print(f"RATIO {arch} fast/static = {scaled['fast'] / scaled['static']:.3f}")
@@ -212,6 +231,11 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
     tuner = pedconv.autotune.TUNER
     print(f"autotune: {'on' if pedconv.is_autotune_enabled() else 'off (fixed rule)'}, {tuner.measured} key(s) "
           f"measured so far in {tuner.measure_seconds:.2f} s")
+    if "triton" in scaled:
+        # the targets: triton/static at most 1.3, per-sample kernels / triton at least 2.
+        for kind in ("grouped", "reference"):
+            if kind in scaled:
+                print(f"RATIO {arch} {kind}/triton = {scaled[kind] / scaled['triton']:.3f}")
     if not args.no_memory:
         print("largest per-layer peak memory: "
               + " ".join(f"{kind}={mem_totals[kind] / 2**20:.1f}MiB" for kind in kinds))

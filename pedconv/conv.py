@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import autotune
-from .functional import _memory_format_of, _pair, check_method, global_avg_pool, layer_spec, method_path, pedconv2d
+from .functional import (_memory_format_of, _pair, check_method, check_triton_groups, global_avg_pool, layer_spec,
+                         method_path, pedconv2d)
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -84,7 +85,8 @@ class PEDConv2d(nn.Module):
         info_max: compute the info-max loss in training mode (read it with :func:`pedconv.info_max_loss`).
         method: forward path, ``auto`` (default: the fastest exact path for the layer's shape, measured where it
             runs, see :mod:`pedconv.autotune`), ``grouped``, ``unfold``, ``taps``, ``reference`` (the release's
-            per-sample kernels) or one of ``pedconv.PATHS``; see :mod:`pedconv.functional`.
+            per-sample kernels), ``triton`` (fused Triton kernels on CUDA, groups=1 only; ``auto`` measures it on
+            CUDA only) or one of ``pedconv.PATHS``; see :mod:`pedconv.functional`.
 
     Initialization is the release's: ``weight`` Kaiming normal (fan_out, ReLU), every Linear N(0, 0.01^2) with
     zero bias, ``bias`` (when asked) zero.
@@ -116,6 +118,8 @@ class PEDConv2d(nn.Module):
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         check_method(method)
+        if method == "triton":
+            check_triton_groups(groups)
         if padding_mode != "zeros":
             raise ValueError(f"PEDConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
         self.in_channels = in_channels

@@ -28,6 +28,8 @@ Several ways to compute it, all equal up to rounding:
   that the weight gradient is one product (accumulated over the chunks) too: autograd through a broadcast matmul
   would build B weight-sized partial gradients.
 - ``taps``: per-tap accumulation of kh*kw shifted 1x1 convolutions (plain autograd ops).
+- ``triton`` (CUDA, groups=1): fused Triton kernels, the gates applied inside an implicit-GEMM convolution and its
+  backward (see :mod:`pedconv.triton`, imported on first use). GPU speed unmeasured.
 
 For a 1x1 layer the tap gate is one scalar per sample and the layer is either a static convolution between two
 channel scalings, y = (a_out * a_k) * conv(a_in * x, W0) (``pointwise:shared``), or one batched matmul with
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -51,7 +54,7 @@ from torch import Tensor
 
 from . import autotune
 
-METHODS = ("auto", "grouped", "unfold", "taps", "reference")
+METHODS = ("auto", "grouped", "unfold", "taps", "reference", "triton")
 # The concrete paths that a method runs on (``method`` also takes these names, e.g. ``method="unfold:matmul"``):
 # the candidates that ``auto`` measures, and what the fixed rule picks among.
 PATHS = ("grouped", "grouped:chunks", "unfold:conv", "unfold:matmul", "unfold:plain", "taps",
@@ -124,6 +127,8 @@ def method_path(method: str, device_type: str, kernel: IntPair, groups: int, pad
     a ``pointwise`` path (per-sample matrices for ``grouped``, where groups 1 and no padding allow), k x k layers any
     other; ``unfold`` runs its products as convolutions on the CPU and as matrix products elsewhere."""
     family = method.split(":")[0]
+    if method == "triton":
+        return method  # the fused kernels take 1x1 and k x k layers alike
     if kernel == (1, 1):
         per_sample = family in ("grouped", "pointwise") and groups == 1 and padding == (0, 0)
         if method == "pointwise:shared":
@@ -135,7 +140,7 @@ def method_path(method: str, device_type: str, kernel: IntPair, groups: int, pad
         return "unfold:conv" if device_type == "cpu" else "unfold:matmul"
     if family == "pointwise":
         return "grouped"
-    return method  # grouped, grouped:chunks, unfold:*, taps (and methods another module adds, e.g. triton)
+    return method  # grouped, grouped:chunks, unfold:*, taps
 
 
 def candidate_paths(device_type: str, batch: int, kernel: IntPair, groups: int, padding: IntPair,
@@ -145,8 +150,8 @@ def candidate_paths(device_type: str, batch: int, kernel: IntPair, groups: int, 
     1x1: per-sample matrices (groups 1, no padding) and the shared weight. k x k: per-sample kernels over the whole
     batch and in chunks of ``GROUPED_CHUNK_SAMPLES`` (when the batch is larger), the shared-weight columns with the
     products as convolutions and as matrix products (groups 1), and, for evaluation only, the per-tap path (its
-    autograd keeps kh*kw output-sized tensors for the backward: too much memory for training). ``triton`` on CUDA
-    where this build of pedconv has it.
+    autograd keeps kh*kw output-sized tensors for the backward: too much memory for training). The fused ``triton``
+    kernels on CUDA (groups 1).
     """
     if kernel == (1, 1):
         paths = ["pointwise:per-sample"] if groups == 1 and padding == (0, 0) else []
@@ -159,7 +164,7 @@ def candidate_paths(device_type: str, batch: int, kernel: IntPair, groups: int, 
             paths += ["unfold:conv", "unfold:matmul"]
         if not training:
             paths.append("taps")
-    if "triton" in METHODS and device_type == "cuda":
+    if device_type == "cuda" and groups == 1:
         paths.append("triton")
     return paths
 
@@ -548,6 +553,31 @@ def _taps_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dila
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Triton path: fused kernels in pedconv/triton/, imported on first use only.
+
+
+def check_triton_groups(groups: int) -> None:
+    """The Triton kernels cover groups=1 (every convolution of the ResNets): a clear error otherwise."""
+    if groups != 1:
+        raise ValueError(f"PEDConv method 'triton' supports groups=1 only, got groups={groups}; "
+                         f"use method='auto' for grouped convolutions")
+
+
+def triton_path(device: torch.device):
+    """The :mod:`pedconv.triton` module, imported here on first use: on CUDA tensors, or on CPU tensors under
+    Triton's interpreter (``TRITON_INTERPRET=1``, for tests). Elsewhere a RuntimeError saying what is missing."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"PEDConv method 'triton' runs on CUDA tensors (got a {device.type} tensor); "
+                           f"on the CPU only under Triton's interpreter (TRITON_INTERPRET=1, slow: for tests)")
+    try:
+        from . import triton as triton_module
+    except ImportError as error:
+        raise RuntimeError(f"PEDConv method 'triton' needs the triton package ({error}); it comes with PyTorch's "
+                           f"CUDA wheels on Linux, else: pip install triton") from error
+    return triton_module
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def pedconv2d(
@@ -567,12 +597,17 @@ def pedconv2d(
 
     Gates have shape (B, R, C) with C = Cout, Cin/groups and kh*kw. ``method`` is one of ``auto`` (the fastest
     exact path for the layer, measured where it runs: :mod:`pedconv.autotune`), ``grouped``, ``unfold``, ``taps``,
-    ``reference`` (see the module docstring), or a path name of ``PATHS``. The output keeps the input's memory
+    ``reference`` (see the module docstring), ``triton`` (fused Triton kernels, CUDA only, groups=1; see
+    :mod:`pedconv.triton`), or a path name of ``PATHS``. The output keeps the input's memory
     format (channels_last in, channels_last out).
     """
     check_method(method)
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     channels_last = _memory_format_of(x) == torch.channels_last
+    if method == "triton":
+        check_triton_groups(groups)
+        if _is_exporting() or torch._C._are_functorch_transforms_active():
+            method = "unfold"  # a graph being exported or a torch.func transform gets the shared-weight path's ops
     if method == "reference":
         return pedconv2d_reference(x, weight, gate_out, gate_in, gate_tap, bias, stride, padding, dilation, groups)
     kernel = tuple(weight.shape[-2:])
@@ -606,6 +641,9 @@ def run_path(path: str, x, weight, gate_out, gate_in, gate_tap, bias, stride: In
         out = _unfold_gemm(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, path == "unfold:matmul")
     elif path.startswith("unfold"):
         out = _unfold_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups)
+    elif path == "triton":
+        fused = triton_path(x.device).pedconv2d_triton
+        out = fused(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation)
     elif path == "taps":
         out = _taps_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups)
     elif path in ("grouped", "grouped:chunks"):
