@@ -314,7 +314,10 @@ def _prepare_workspace(args, context) -> None:
         os.remove(path)
     if args.replace_demo and args.raport_file and os.path.exists(os.path.join(args.workspace, args.raport_file)):
         os.remove(os.path.join(args.workspace, args.raport_file))
-    os.makedirs(args.workspace, exist_ok=True)
+    try:
+        os.makedirs(args.workspace, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the workspace {args.workspace}: {error.strerror or error}") from None
 
 
 def run(args) -> int:

@@ -711,13 +711,17 @@ def _auto_path(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation
     return autotune.choose(layer, run)
 
 
-@torch._dynamo.assume_constant_result
 def _compiled_choice(fields: tuple) -> str:
     """``auto`` while torch.compile traces: a constant of the graph, chosen (measured, if need be, on random inputs
     of the layer's shape: the traced inputs are fake) once per layer shape as in eager mode. ``fields``: a
     :class:`autotune.LayerSpec` as a plain tuple (the compiler passes plain constants)."""
     layer = autotune.LayerSpec(*fields)
     return autotune.choose(layer, functools.partial(_run_on_random_inputs, layer))
+
+
+# What torch._dynamo.assume_constant_result does, without importing torch._dynamo (and with it Triton) when pedconv
+# is imported: the compiler is only loaded by a program that compiles.
+_compiled_choice._dynamo_marked_constant = True
 
 
 def _run_on_random_inputs(layer: "autotune.LayerSpec", path: str) -> None:

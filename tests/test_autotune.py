@@ -284,3 +284,10 @@ def test_compiled_model_equals_eager_on_every_path_without_graph_breaks(measurin
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
     for compiled_grad, eager_grad in zip(grads[1], grads[0]):
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_main_offers_every_method_and_path_of_the_library():
+    import main as cli
+
+    action = next(a for a in cli.build_parser()._actions if a.dest == "pedconv_method")
+    assert sorted(action.choices) == sorted(set(functional.METHODS + functional.PATHS))

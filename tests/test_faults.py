@@ -92,7 +92,7 @@ KILLING_RUN = textwrap.dedent("""
 def test_1_3_a_kill_while_model_best_is_written_loses_no_best_and_leaves_no_temporary(tmp_path, monkeypatch,
                                                                                        caplog):
     workspace = tmp_path / "ws"
-    argv = [sys.executable, "-c", KILLING_RUN, "--data-backend", "synthetic", "--prof", "2", "--num-classes", "10",
+    argv = [sys.executable, "-c", KILLING_RUN, "synthetic", "--data-backend", "synthetic", "--prof", "2", "--num-classes", "10",
             "--arch", "resnet18", "--wmul", "0.125", "--image-size", "32", "-b", "2", "--device", "cpu",
             "--workspace", str(workspace), "--raport-file", "raport.json", "--epochs", "3"]
     killed = subprocess.run(argv, env=dict(ENV, KILL_AT_BEST="2"), capture_output=True, text=True, timeout=300)
@@ -140,7 +140,7 @@ def test_2_a_short_write_leaves_no_half_report_line(tmp_path):
         import resource, signal
         from image_classification.dllog import Report
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        report = Report({str(path)!r})
+        report = Report({str(path)!r}, 1)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
         for step in range(1, 200):
             report.log([1, step], {{"train.loss": 1.0 / step, "note": "x" * 100}}, verbose=False)
@@ -157,7 +157,7 @@ def test_2_a_short_write_leaves_no_half_report_line(tmp_path):
 
 
 def _report_with_broken_last_line(path: Path) -> None:
-    report = Report(str(path))
+    report = Report(str(path), 1)
     report.parameters({"arch": "resnet18", "dynamic": True, "wmul": 0.25})
     for step in (1, 2):
         report.log([1, step], {"train.loss": 2.0, "train.lr": 0.1, "train.total_ips": 10.0}, verbose=False)
@@ -186,7 +186,7 @@ def test_2_readers_skip_a_broken_last_line_with_one_warning(tmp_path, caplog):
 def test_2_a_reopened_report_drops_the_broken_line_before_appending(tmp_path):
     path = tmp_path / "raport.json"
     _report_with_broken_last_line(path)
-    report = Report(str(path))  # a resumed run
+    report = Report(str(path), 1, resume=True)  # a resumed run
     report.log([2, 1], {"train.loss": 1.0}, verbose=False)
     report.close()
     assert [e["step"] for e in read_report(path) if e["type"] == "LOG"][-1] == [2, 1]

@@ -230,7 +230,10 @@ def test_settings_reach_the_loss_the_optimizer_and_the_ema(name, data_root, tmp_
     bias_gradients = []
     for index, entry in enumerate(logged):
         loss, bias_gradient = expected_loss_and_bias_gradient(observer, index, smoothing, mixup, infomax_weight)
-        assert observer.forwards[index]["infomax"] > 1e-3  # so that the weight makes a difference
+        if infomax_weight:
+            assert observer.forwards[index]["infomax"] > 1e-3  # so that the weight makes a difference
+        else:
+            assert observer.forwards[index]["infomax"] == 0.0  # a weight of 0 turns the info-max branch off
         assert entry["train.loss"] == pytest.approx(loss, rel=1e-5), f"iteration {index}"
         assert entry["train.lr"] == pytest.approx(lr_formula(schedule, index // iterations, epochs, 2), rel=1e-9)
         bias_gradients.append(bias_gradient)
