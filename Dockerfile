@@ -1,7 +1,7 @@
 # pedconv training image: the NGC PyTorch container plus this project.
 # nvcr.io/nvidia/pytorch:26.08-py3 ships Ubuntu 24.04, Python 3.12, CUDA 13.4.1, cuDNN 9.25, NCCL, PyTorch 2.14.0a0
-# (NVIDIA build), torchvision and NVIDIA DALI 2.2; host driver requirements: see the README's Docker section.
-# Pinned on purpose: change the tag only together with the README and a run of `python docker/check_image.py`.
+# (NVIDIA build), torchvision and NVIDIA DALI 2.2; host driver requirements: see docs/multi_gpu_and_docker.md.
+# Pinned on purpose: change the tag only together with docs/multi_gpu_and_docker.md and a run of `python docker/check_image.py`.
 FROM nvcr.io/nvidia/pytorch:26.08-py3
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -34,7 +34,7 @@ if [ -z "$data" ]; then
     exit 2
 fi
 if [ ! -d "$data/train" ] || [ ! -d "$data/val" ]; then
-    echo "interactive.sh: $data must hold train/ and val/ (see the README's ImageNet preparation)" >&2
+    echo "interactive.sh: $data must hold train/ and val/ (see docs/imagenet.md)" >&2
     exit 2
 fi
 mkdir -p "$workspace"
