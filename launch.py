@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import main as training
+from errors import EXIT_BAD_INPUT, UserError
 
 LEVELS = ("model", "platform", "precision", "mode")
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A config file or a recipe choice that cannot be used; the message is one line."""
 
 
@@ -139,9 +140,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         args = build_args(argv)
-    except RecipeError as error:
+    except UserError as error:  # RecipeError, main.py's UsageError
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     return training.run_parsed(args)
 
 

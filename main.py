@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 
+from errors import EXIT_BAD_INPUT, UserError
 from image_classification.affinity import MODES as AFFINITY_MODES
 
 logger = logging.getLogger("main")
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A command line that cannot run; main() prints it as one line."""
 
 
@@ -246,23 +247,23 @@ def main(argv=None) -> int:
     saving its checkpoint, 2 for bad input."""
     try:
         args = parse_args(argv)
-    except UsageError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     return run_parsed(args)
 
 
 def run_parsed(args: argparse.Namespace) -> int:
     """Run parsed arguments (main.py's, or launch.py's recipe with the command line over it); the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    from image_classification.runner import UserError, run
+    from image_classification.runner import run
 
     try:
         with _console():
             return run(args)
-    except UserError as error:
+    except UserError as error:  # every specific bad-input error (DataError, CheckpointError...) derives from it
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Optional, Sequence
 
+from errors import EXIT_BAD_INPUT, UserError
+
 PROG = "multiproc.py"
 POLL_SECONDS = 0.1
 FAILURE_GRACE_SECONDS = 5.0
@@ -56,7 +58,7 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 CRASH_SIGNALS = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL)
 
 
-class LaunchError(Exception):
+class LaunchError(UserError):
     """A bad launch request: reported as one line and exit status 2."""
 
 
@@ -394,8 +396,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         validate(args)
         check_gpu_count(args.nproc_per_node, args.training_script_args)
         return Launcher(args).run()
-    except LaunchError as error:
-        parser.exit(2, f"{PROG}: error: {error}\n")
+    except UserError as error:  # LaunchError
+        parser.exit(EXIT_BAD_INPUT, f"{PROG}: error: {error}\n")
 
 
 if __name__ == "__main__":

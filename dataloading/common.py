@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # ImageNet channel statistics on the 0-255 scale (RGB order).
@@ -29,7 +31,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "triangular")
 AUGMENTATIONS = (None, "autoaugment")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the data or the data-loading configuration; its message is one line."""
 
 

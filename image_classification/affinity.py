@@ -25,6 +25,8 @@ import logging
 import os
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
 
+from errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -120,7 +122,7 @@ def plan(mode: str, sockets: Sequence[Sequence[int]], siblings: Dict[int, Core],
          balanced: bool = True) -> List[List[int]]:
     """The CPUs of every local process under ``mode`` (see the module docstring); a pure function of the layout."""
     if mode not in MODES:
-        raise ValueError(f"unknown affinity mode {mode!r}; valid: {', '.join(MODES)}")
+        raise UserError(f"unknown affinity mode {mode!r}; valid: {', '.join(MODES)}")
     grouped: List[List[Core]] = []
     for socket in sockets:
         cores = sorted({siblings.get(cpu, (cpu,)) for cpu in socket if cpu in available})

@@ -44,6 +44,8 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 import torch.nn as nn
 
+from errors import UserError
+
 from .models import ARCHITECTURES, STAGE_WIDTHS, BasicBlock, Bottleneck, build_model, layout, stage_widths
 
 PREFIXES = ("module.", "_orig_mod.")
@@ -51,7 +53,7 @@ PEDCONV_KEY = ".attn.fc_share.weight"
 SHOWN = 3  # names shown per list in a mismatch message
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read, is refused, or does not fit the model; the message says why."""
 
 

@@ -10,6 +10,8 @@ from typing import NoReturn, Optional
 import torch
 import torch.distributed as dist
 
+from errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,13 +34,13 @@ class Context:
 def select_device(requested: str, local_rank: int) -> torch.device:
     """``auto``: CUDA when present, else the CPU; ``cuda`` without a GPU is an error."""
     if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {requested!r}; valid: auto, cpu, cuda")
+        raise UserError(f"unknown device {requested!r}; valid: auto, cpu, cuda")
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+        raise UserError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
     if local_rank >= torch.cuda.device_count():
-        raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) on this node")
+        raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) on this node")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import UserError
+
 
 class SoftTargetCrossEntropy(nn.Module):
     """Cross-entropy against hard labels (int64, label-smoothed) or soft targets (float, e.g. from mixup).
@@ -18,7 +20,7 @@ class SoftTargetCrossEntropy(nn.Module):
     def __init__(self, smoothing: float = 0.0):
         super().__init__()
         if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
+            raise UserError(f"label smoothing must be in [0, 1), got {smoothing}")
         self.smoothing = smoothing
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

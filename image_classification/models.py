@@ -58,6 +58,7 @@ import torch.nn as nn
 
 import pedconv
 from pedconv import PEDConv2d
+from errors import UserError
 
 ConvFactory = Callable[..., nn.Module]
 
@@ -98,7 +99,7 @@ def default_config(dynamic: bool) -> str:
 
 def get_config(name: str) -> ModelConfig:
     if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model config {name!r}; valid: {', '.join(MODEL_CONFIGS)}")
+        raise UserError(f"unknown model config {name!r}; valid: {', '.join(MODEL_CONFIGS)}")
     return MODEL_CONFIGS[name]
 
 
@@ -217,7 +218,7 @@ STAGE_WIDTHS = (64, 128, 256, 512)
 def stage_widths(block: Type[nn.Module], wmul: float) -> List[tuple]:
     """(inner width, output width) of each stage under the release's width multiplier rules."""
     if wmul <= 0:
-        raise ValueError(f"wmul must be positive, got {wmul}")
+        raise UserError(f"wmul must be positive, got {wmul}")
     if block is BasicBlock:
         return [(int(wmul * w), int(wmul * w)) for w in STAGE_WIDTHS]
     return [(min(int(wmul * w) + 1, w), w * block.expansion) for w in STAGE_WIDTHS]
@@ -256,9 +257,9 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(layers) != 4:
-            raise ValueError(f"a ResNet has four stages, got layers={list(layers)}")
+            raise UserError(f"a ResNet has four stages, got layers={list(layers)}")
         if pedconv_kwargs and not dynamic:
-            raise ValueError(f"PEDConv options {sorted(pedconv_kwargs)} need dynamic=True")
+            raise UserError(f"PEDConv options {sorted(pedconv_kwargs)} need dynamic=True")
         self.arch = {"name": name, "dynamic": bool(dynamic), "wmul": float(wmul), "num_classes": int(num_classes)}
         conv: ConvFactory = functools.partial(PEDConv2d, **pedconv_kwargs) if dynamic else nn.Conv2d
         widths = stage_widths(block, wmul)
@@ -314,7 +315,7 @@ ARCHITECTURES = tuple(_LAYOUTS)
 def layout(name: str):
     """(block class, blocks per stage, deep stem) of an architecture name; ValueError naming the valid ones."""
     if name not in _LAYOUTS:
-        raise ValueError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")
+        raise UserError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")
     return _LAYOUTS[name]
 
 
@@ -351,7 +352,7 @@ def dynamic_layers(model: nn.Module) -> List[PEDConv2d]:
 def set_pedconv_method(model: nn.Module, method: str) -> nn.Module:
     """Set the forward path (``auto``, ``grouped``, ``unfold``, ``reference``) of every PEDConv layer."""
     if method not in pedconv.METHODS + pedconv.PATHS:
-        raise ValueError(f"unknown PEDConv method {method!r}; valid: {', '.join(pedconv.METHODS + pedconv.PATHS)}")
+        raise UserError(f"unknown PEDConv method {method!r}; valid: {', '.join(pedconv.METHODS + pedconv.PATHS)}")
     for layer in dynamic_layers(model):
         layer.method = method
     return model

@@ -7,6 +7,8 @@ from typing import Callable, List
 import torch
 import torch.nn as nn
 
+from errors import UserError
+
 SCHEDULES = ("step", "linear", "cosine")
 
 
@@ -43,24 +45,24 @@ def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, wei
     groups = parameter_groups(model, weight_decay, bn_weight_decay)
     on_cuda = device_type == "cuda"
     if implementation not in ("torch", "apex"):
-        raise ValueError(f"unknown optimizer implementation {implementation!r}; valid: torch, apex")
+        raise UserError(f"unknown optimizer implementation {implementation!r}; valid: torch, apex")
     if implementation == "apex":
         if not on_cuda or name != "sgd":
-            raise ValueError("--optimizer-impl apex is for SGD on CUDA only (apex has no CPU or RMSprop optimizer)")
+            raise UserError("--optimizer-impl apex is for SGD on CUDA only (apex has no CPU or RMSprop optimizer)")
         return _apex_sgd(groups, lr, momentum, nesterov)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=True if on_cuda else None)
     if name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr, alpha=rmsprop_alpha, momentum=momentum, eps=rmsprop_eps,
                                    foreach=True if on_cuda else None)
-    raise ValueError(f"unknown optimizer {name!r}; valid: sgd, rmsprop")
+    raise UserError(f"unknown optimizer {name!r}; valid: sgd, rmsprop")
 
 
 def _apex_sgd(groups: List[dict], lr: float, momentum: float, nesterov: bool) -> torch.optim.Optimizer:
     try:
         from apex.optimizers import FusedSGD  # NVIDIA apex: only behind this guard
     except ImportError as error:
-        raise ValueError("--optimizer-impl apex needs NVIDIA apex (built with its CUDA extensions; "
+        raise UserError("--optimizer-impl apex needs NVIDIA apex (built with its CUDA extensions; "
                          f"some NGC PyTorch images ship it): {error}") from None
     return FusedSGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
 
@@ -72,7 +74,7 @@ def lr_schedule(name: str, base_lr: float, warmup: int, epochs: int, end_lr: flo
     end_lr + (base - end_lr)(1 + cos(pi (e - w) / (E - w))) / 2.
     """
     if name not in SCHEDULES:
-        raise ValueError(f"unknown lr schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+        raise UserError(f"unknown lr schedule {name!r}; valid: {', '.join(SCHEDULES)}")
 
     def at(epoch: int) -> float:
         if epoch < warmup:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import pedconv
-from dataloading.common import DataError
+from errors import UserError
 
 from . import affinity, checkpoints, distributed, workspace
 from .allocator import configure_malloc
@@ -31,10 +31,6 @@ from .tools import DEFAULT_PREPROCESSING, checkpoint_preprocessing
 from .training import GracefulStop, Precision, Trainer
 
 logger = logging.getLogger(__name__)
-
-
-class UserError(Exception):
-    """Bad input (arguments, data, checkpoints): main.py prints the one-line message and exits non-zero."""
 
 
 def _check_number(flag: str, value, valid: bool, what: str) -> None:
@@ -102,10 +98,7 @@ def _model_config(args):
     if args.conv_init is None:
         return args.model_config
     name = args.model_config or default_config(args.dynamic)
-    try:
-        config = get_config(name)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    config = get_config(name)
     if args.model_config and config.conv_mode != args.conv_init:
         raise UserError(f"-c {args.model_config} initializes convs {config.conv_mode}, --conv_init says "
                         f"{args.conv_init}: give one of them")
@@ -126,20 +119,17 @@ def _seed(seed: Optional[int], rank: int, deterministic: bool) -> None:
 
 
 def _loaders(args, context, memory_format):
-    from dataloading import DataError, get_loaders
+    from dataloading import get_loaders
 
-    try:
-        return get_loaders(
-            args.data_backend, args.data, args.batch_size, workers=args.workers, image_size=args.image_size,
-            interpolation=args.interpolation, augmentation=args.augmentation, crop_area=(args.crop_area_min, 1.0),
-            memory_format=memory_format,
-            device=context.device, rank=context.rank, world_size=context.world_size,
-            seed=args.seed if args.seed is not None else 0, prefetch=args.prefetch, verify_data=args.verify_data,
-            train=not args.evaluate, val=not args.training_only,
-            synthetic_batches=args.prof if args.prof > 0 else 100, num_classes=args.num_classes or 1000,
-        )
-    except DataError as error:
-        raise UserError(str(error)) from None
+    return get_loaders(
+        args.data_backend, args.data, args.batch_size, workers=args.workers, image_size=args.image_size,
+        interpolation=args.interpolation, augmentation=args.augmentation, crop_area=(args.crop_area_min, 1.0),
+        memory_format=memory_format,
+        device=context.device, rank=context.rank, world_size=context.world_size,
+        seed=args.seed if args.seed is not None else 0, prefetch=args.prefetch, verify_data=args.verify_data,
+        train=not args.evaluate, val=not args.training_only,
+        synthetic_batches=args.prof if args.prof > 0 else 100, num_classes=args.num_classes or 1000,
+    )
 
 
 def _initial_weights(args) -> Optional[checkpoints.Checkpoint]:
@@ -148,13 +138,10 @@ def _initial_weights(args) -> Optional[checkpoints.Checkpoint]:
     path = args.resume or args.pretrained_weights
     if not path:
         return None
-    try:
-        checkpoint = checkpoints.load_checkpoint(path)
-        checkpoints.check_finite(checkpoint.state_dict, path)
-        if args.use_ema and checkpoint.state_dict_ema:
-            checkpoints.check_finite(checkpoint.state_dict_ema, path, "EMA weights")
-    except checkpoints.CheckpointError as error:
-        raise UserError(str(error)) from None
+    checkpoint = checkpoints.load_checkpoint(path)
+    checkpoints.check_finite(checkpoint.state_dict, path)
+    if args.use_ema and checkpoint.state_dict_ema:
+        checkpoints.check_finite(checkpoint.state_dict_ema, path, "EMA weights")
     if checkpoint.arch.get("dynamic") and not args.dynamic:
         logger.info("%s holds a PEDConv model: building %s with --dynamic", path, args.arch)
         args.dynamic = True
@@ -188,7 +175,9 @@ def _build_model(args, num_classes: int, checkpoint: Optional[checkpoints.Checkp
     try:
         model = build_model(args.arch, args.dynamic, num_classes, args.wmul, config=_model_config(args),
                             zero_init_last_bn=args.zero_init_last_bn)
-    except ValueError as error:
+    except UserError:
+        raise
+    except ValueError as error:  # pedconv's own argument checks (it stays independent: plain ValueErrors)
         raise UserError(str(error)) from None
     if args.dynamic:
         set_pedconv_method(model, args.pedconv_method)
@@ -202,7 +191,7 @@ def _build_model(args, num_classes: int, checkpoint: Optional[checkpoints.Checkp
             else:
                 checkpoints.load_model_state(model, checkpoint.state_dict)
         except checkpoints.CheckpointError as error:
-            raise UserError(f"{checkpoint.path} does not fit {args.arch}"
+            raise checkpoints.CheckpointError(f"{checkpoint.path} does not fit {args.arch}"
                             f"{' (PEDConv)' if args.dynamic else ''}: {error}") from None
     return model
 
@@ -298,12 +287,9 @@ def _prepare_workspace(args, context) -> None:
         raise UserError(f"--workspace {args.workspace} is a file, not a folder")
     if args.replace_demo:
         args.overwrite = True
-    try:
-        old = workspace.check_workspace(args.workspace, args.checkpoint_filename, resume=bool(args.resume),
-                                        overwrite=args.overwrite,
-                                        writes_checkpoints=args.save_checkpoints and not args.evaluate)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    old = workspace.check_workspace(args.workspace, args.checkpoint_filename, resume=bool(args.resume),
+                                    overwrite=args.overwrite,
+                                    writes_checkpoints=args.save_checkpoints and not args.evaluate)
     if not context.is_main:
         return
     if args.replace_demo and old:
@@ -329,18 +315,13 @@ def run(args) -> int:
     args.replace_demo = getattr(args, "replace_demo", False)
     args.overwrite = getattr(args, "overwrite", False)
     _banner(args, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
-    try:
-        context = distributed.init_from_environment(args.device)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    context = distributed.init_from_environment(args.device)
     finished = False
     try:
         with contextlib.ExitStack() as closing:
             status = _run(args, context, closing)
         finished = True
         return status
-    except DataError as error:  # met during an epoch: an image folder that turned out broken, a failed DALI decode
-        raise UserError(str(error).strip().splitlines()[-1]) from None
     finally:
         distributed.shutdown(context, wait_for_all=finished)
 
@@ -417,13 +398,10 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
     report.parameters({**vars(args), "model.params": summary.params,
                        "model.params_without_decoders": summary.params_without_decoders,
                        "model.macs": summary.macs, "model.pedconv_layers": summary.dynamic_layers})
-    try:
-        precision = Precision.create(args.amp, context.device, args.static_loss_scale, args.dynamic_loss_scale)
-        optimizer = build_optimizer(model, args.optimizer, args.lr, args.momentum, args.weight_decay, args.nesterov,
-                                    args.bn_weight_decay, args.rmsprop_alpha, args.rmsprop_eps,
-                                    device_type=context.device.type, implementation=args.optimizer_impl)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    precision = Precision.create(args.amp, context.device, args.static_loss_scale, args.dynamic_loss_scale)
+    optimizer = build_optimizer(model, args.optimizer, args.lr, args.momentum, args.weight_decay, args.nesterov,
+                                args.bn_weight_decay, args.rmsprop_alpha, args.rmsprop_eps,
+                                device_type=context.device.type, implementation=args.optimizer_impl)
     if precision.scaler.is_enabled() and args.static_loss_scale == 1.0 and not args.dynamic_loss_scale:
         logger.warning("AMP: the loss scale starts at 1 and never grows (NVIDIA's default); NVIDIA's AMP recipes "
                        "pass --static-loss-scale 128, or add --dynamic-loss-scale")

@@ -19,13 +19,13 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .checkpoints import Checkpoint, CheckpointError, atomic_path, check_finite, load_model_state
+from errors import EXIT_BAD_INPUT, UserError
+
+from .checkpoints import Checkpoint, atomic_path, check_finite, load_model_state
 from .models import ARCHITECTURES, build_model
 
-EXIT_BAD_INPUT = 2
 
-
-class ToolError(Exception):
+class ToolError(UserError):
     """Bad input to a tool; the message (one line) is printed as ``error: <message>``."""
 
 
@@ -41,24 +41,13 @@ def one_line(message: str) -> str:
     return "; ".join(part.strip() for part in str(message).splitlines() if part.strip()).replace(":;", ":")
 
 
-def _is_data_error(error: BaseException) -> bool:
-    """A ``dataloading.DataError`` (only possible once dataloading is imported: it is not imported for this)."""
-    module = sys.modules.get("dataloading")
-    return module is not None and isinstance(error, module.DataError)
-
-
 def tool_main(function: Callable[[Optional[Sequence[str]]], int]) -> Callable[[Optional[Sequence[str]]], int]:
     """Decorate a tool's ``main(argv) -> exit status``: bad input becomes one ``error:`` line and exit status 2."""
     @functools.wraps(function)
     def wrapper(argv: Optional[Sequence[str]] = None) -> int:
         try:
             return function(argv)
-        except (ToolError, CheckpointError) as error:
-            print(f"error: {one_line(error)}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except ValueError as error:
-            if not _is_data_error(error):
-                raise
+        except UserError as error:  # ToolError, CheckpointError, DataError...
             print(f"error: {one_line(error)}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except OSError as error:  # a file that cannot be read or written

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import pedconv
+from errors import UserError
 
 from .distributed import Context, all_reduce_sum
 from .dllog import Report
@@ -63,7 +64,7 @@ def loss_scaler(device_type: str, enabled: bool, static_loss_scale: float = 1.0,
     every overflow (that step is skipped), and grows x2 after 100 steps without one only with
     ``dynamic_loss_scale``; otherwise it never grows."""
     if not static_loss_scale > 0:
-        raise ValueError(f"--static-loss-scale must be positive, got {static_loss_scale}")
+        raise UserError(f"--static-loss-scale must be positive, got {static_loss_scale}")
     return torch.amp.GradScaler(device_type, init_scale=static_loss_scale, growth_factor=2.0, backoff_factor=0.5,
                                 growth_interval=GROWTH_INTERVAL if dynamic_loss_scale else NEVER_GROW,
                                 enabled=enabled)

@@ -14,6 +14,8 @@ import os
 import re
 from typing import List, Optional
 
+from errors import UserError
+
 RUNS_FOLDER = "runs"
 BEST_NAME = "model_best.pth.tar"
 NUMBERED = re.compile(r"checkpoint_(\d{4,})\.pth\.tar$")
@@ -51,7 +53,7 @@ def check_workspace(workspace: str, checkpoint_filename: str, *, resume: bool, o
         return []
     found = run_checkpoints(workspace, checkpoint_filename)
     if found and not overwrite:
-        raise ValueError(f"workspace {workspace} already holds a run's checkpoints "
+        raise UserError(f"workspace {workspace} already holds a run's checkpoints "
                          f"({', '.join(os.path.basename(p) for p in found[:3])}{', ...' if len(found) > 3 else ''}): "
                          f"continue it with --resume {os.path.join(workspace, checkpoint_filename)}, replace it with "
                          f"--overwrite, or choose another --workspace")
