@@ -24,9 +24,11 @@ from typing import List, Optional, Sequence
 
 import torch
 
+import choices
 from image_classification.checkpoints import load_checkpoint
+from image_classification.distributed import select_device
 from image_classification.tools import (ToolError, ToolParser, autocast, checkpoint_classes, checkpoint_preprocessing,
-                                        model_from_checkpoint, pick_device, quiet_logging, tool_main)
+                                        model_from_checkpoint, quiet_logging, tool_main)
 
 
 def build_parser() -> ToolParser:
@@ -43,11 +45,11 @@ def build_parser() -> ToolParser:
                         help="class names: one per line, a JSON list, or a JSON object {index or folder name: name}")
     parser.add_argument("--image-size", type=int, default=None,
                         help="crop size (default: the size the checkpoint's model was trained at, else 224)")
-    parser.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "triangular"],
+    parser.add_argument("--interpolation", default=None, choices=choices.INTERPOLATIONS,
                         help="resize interpolation (default: the checkpoint's, else bilinear)")
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("-b", "--batch-size", type=int, default=16, help="images per forward pass")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=choices.DEVICES)
     parser.add_argument("--cpu", dest="device", action="store_const", const="cpu",
                         help="NVIDIA's spelling of --device cpu")
     parser.add_argument("--amp", action="store_true", help="float16 autocast on CUDA, bfloat16 on the CPU")
@@ -141,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if min(args.image_size or 1, args.topk, args.batch_size) <= 0:
         raise ToolError("--image-size, --topk and --batch-size must be positive")
     amp = args.amp or args.precision == "AMP"
-    device = pick_device(args.device)
+    device = select_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(checkpoint, ema=args.ema, arch=args.arch)
     preprocessing = checkpoint_preprocessing(checkpoint, image_size=args.image_size, interpolation=args.interpolation)

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 
+import choices
 from errors import EXIT_BAD_INPUT, UserError
 from image_classification.affinity import MODES as AFFINITY_MODES
 
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "group, to run the CPU demo")
     data = parser.add_argument_group(DATA_GROUP)
     data.add_argument("--data-backend", default="dali-cpu",
-                      choices=["pytorch", "dali-gpu", "dali-cpu", "synthetic", "syntetic"],
+                      choices=choices.DATA_BACKENDS + tuple(choices.DATA_BACKEND_ALIASES),
                       help="input pipeline, NVIDIA's default (dali-cpu decodes on the CPU; pytorch needs no DALI)")
     data.add_argument("-j", "--workers", type=int, default=5,
                       help="DataLoader workers or DALI threads per process (lowered to the usable cores)")
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-size", type=int, default=None,
                       help="training and validation crop size (default: for --evaluate and --resume the checkpoint's, "
                            "else 224)")
-    data.add_argument("--interpolation", default=None, choices=["bilinear", "bicubic", "triangular"],
+    data.add_argument("--interpolation", default=None, choices=choices.INTERPOLATIONS,
                       help="resize interpolation (default: for --evaluate and --resume the checkpoint's, else bilinear)")
     data.add_argument("--augmentation", default=None, choices=["autoaugment"],
                       help="add AutoAugment (ImageNet policy) (default: none)")
@@ -83,22 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model")
     model.add_argument("-a", "--arch", default="resnet50",
-                       help="resnet18, resnet34, resnet50, resnet101, resnet152, resnet50d")
+                       help=", ".join(choices.ARCHITECTURES))
     model.add_argument("--dynamic", action="store_true", help="PEDConv in every residual block (as the authors' release)")
     model.add_argument("-c", "--model-config", default=None,
                        help="initialization: classic|fanout, fanin, grp-fanin, grp-fanout, release "
                             "(default: release for --dynamic, classic otherwise)")
     model.add_argument("--wmul", type=float, default=1.0, help="width multiplier (the release's)")
     model.add_argument("--zero-init-last-bn", action="store_true", help="start each block's last BatchNorm at 0")
-    # The choices are pedconv.METHODS + pedconv.PATHS, spelled out: main.py imports no torch before parsing.
-    model.add_argument("--pedconv-method", default="auto", choices=[
-                           "auto", "grouped", "unfold", "taps", "reference", "grouped:chunks", "unfold:conv",
-                           "unfold:matmul", "unfold:plain", "pointwise:per-sample", "pointwise:shared", "triton"],
+    model.add_argument("--pedconv-method", default="auto", choices=choices.PEDCONV_METHODS,
                        help="PEDConv forward path (auto: measured fastest per layer shape, see PEDCONV_AUTOTUNE; "
                             "reference: the release's per-sample kernels)")
     model.add_argument("--pretrained-weights", "--pretrained-from-file", dest="pretrained_weights", default=None,
                        metavar="PATH", help="initial weights: a state_dict, the release's or this project's checkpoint")
-    model.add_argument("--memory-format", default="nchw", choices=["nchw", "nhwc"],
+    model.add_argument("--memory-format", default="nchw", choices=choices.MEMORY_FORMATS,
                        help="memory layout (nhwc: channels_last)")
     # NVIDIA's model parser (image_classification/models/resnet.py, model.py)
     model.add_argument("--conv_init", default=None, choices=["fan_in", "fan_out"],
@@ -120,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "-1: world size x batch size")
     optim.add_argument("--optimizer", default="sgd", choices=["sgd", "rmsprop"], help="optimizer")
     optim.add_argument("--lr", "--learning-rate", type=float, default=0.1, help="learning rate for the optimizer batch")
-    optim.add_argument("--lr-schedule", default="step", choices=["step", "linear", "cosine"],
+    optim.add_argument("--lr-schedule", default="step", choices=choices.LR_SCHEDULES,
                        help="per-epoch schedule after the warmup (step: x0.1 at epochs 30, 60, 80)")
     optim.add_argument("--end-lr", type=float, default=0.0, help="final learning rate of the cosine schedule")
     optim.add_argument("--warmup", type=int, default=0, help="warmup epochs (linear)")
@@ -154,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CUDA: torch's fused SGD (with the loss-scale check inside the kernel, no host "
                           "synchronization), or NVIDIA apex's FusedSGD (SGD only) where apex is installed and "
                           "benchmarks/gpu_check.py measured it faster; on the CPU always torch's")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    run.add_argument("--device", default="auto", choices=choices.DEVICES,
                      help="auto: CUDA when present, else the CPU")
     run.add_argument("--seed", type=int, default=None, help="seed (each rank adds its rank) (default: none)")
     run.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")

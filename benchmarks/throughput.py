@@ -34,6 +34,8 @@ from typing import List, Optional, Sequence
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch  # noqa: E402
 
+import choices  # noqa: E402
+
 from image_classification.dllog import read_report  # noqa: E402
 from image_classification.report import finished  # noqa: E402
 from image_classification.tools import (ToolError, ToolParser, check_arch, quiet_logging, tool_main,  # noqa: E402
@@ -194,8 +196,8 @@ def build_parser() -> ToolParser:
     parser.add_argument("-b", "--batch-sizes", type=int, nargs="+", default=[64])
     parser.add_argument("--prof", type=int, default=100, help="iterations per run (NVIDIA's --prof)")
     parser.add_argument("--warmup-iters", type=int, default=10, help="first iterations of each run left out")
-    parser.add_argument("--memory-format", default="nchw", choices=["nchw", "nhwc"])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--memory-format", default="nchw", choices=choices.MEMORY_FORMATS)
+    parser.add_argument("--device", default="auto", choices=choices.DEVICES)
     parser.add_argument("-j", "--workers", type=int, default=5, help="data workers (real data only)")
     parser.add_argument("--workspace", default=None, metavar="DIR", help="keep the per-run reports here")
     parser.add_argument("--output", default=None, metavar="FILE.md", help="also write the table here")
@@ -206,7 +208,7 @@ def check(args) -> None:
     check_arch(args.arch)
     if args.data_backend is None:
         args.data_backend = "pytorch" if args.data else "synthetic"
-    if args.data_backend not in ("synthetic", "syntetic") and not (args.data and os.path.isdir(args.data)):
+    if args.data_backend not in choices.SYNTHETIC_BACKENDS and not (args.data and os.path.isdir(args.data)):
         raise ToolError(f"--data-backend {args.data_backend} needs a data folder; {args.data} is not one")
     if min(args.batch_sizes) <= 0 or args.image_size <= 0 or args.wmul <= 0:
         raise ToolError("batch sizes, --image-size and --wmul must be positive")

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from choices import INTERPOLATIONS
 from errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,6 @@ CROP_PADDING = 32
 RANDOM_AREA = (0.08, 1.0)
 RANDOM_ASPECT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
-INTERPOLATIONS = ("bilinear", "bicubic", "triangular")
 AUGMENTATIONS = (None, "autoaugment")
 
 

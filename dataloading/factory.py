@@ -9,6 +9,8 @@ from typing import Iterator, Protocol
 
 import torch
 
+import choices
+
 from . import integrity
 from .common import (
     RANDOM_AREA,
@@ -24,10 +26,9 @@ from .common import (
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")
-# Spellings accepted for compatibility with older DLE command lines.
-BACKEND_ALIASES = {"syntetic": "synthetic"}
-MEMORY_FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+BACKENDS = choices.DATA_BACKENDS
+BACKEND_ALIASES = choices.DATA_BACKEND_ALIASES
+MEMORY_FORMATS = dict(zip(choices.MEMORY_FORMATS, (torch.contiguous_format, torch.channels_last)))
 
 
 class Loader(Protocol):

@@ -10,6 +10,7 @@ from typing import NoReturn, Optional
 import torch
 import torch.distributed as dist
 
+import choices
 from errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -31,14 +32,18 @@ class Context:
         return self.rank == 0
 
 
-def select_device(requested: str, local_rank: int) -> torch.device:
-    """``auto``: CUDA when present, else the CPU; ``cuda`` without a GPU is an error."""
-    if requested not in ("auto", "cpu", "cuda"):
-        raise UserError(f"unknown device {requested!r}; valid: auto, cpu, cuda")
+def select_device(requested: str = "auto", local_rank: Optional[int] = None) -> torch.device:
+    """The device a ``--device`` value names (main.py and the tools): ``auto`` is CUDA when present, else the CPU;
+    ``cuda`` without a GPU is a UserError. With ``local_rank`` (one process per GPU) CUDA is that GPU, made the
+    current one; without, the current CUDA device."""
+    if requested not in choices.DEVICES:
+        raise UserError(f"unknown device {requested!r}; valid: {', '.join(choices.DEVICES)}")
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+    if local_rank is None:
+        return torch.device("cuda")
     if local_rank >= torch.cuda.device_count():
         raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) on this node")
     torch.cuda.set_device(local_rank)

@@ -58,6 +58,7 @@ import torch.nn as nn
 
 import pedconv
 from pedconv import PEDConv2d
+import choices
 from errors import UserError
 
 ConvFactory = Callable[..., nn.Module]
@@ -301,6 +302,7 @@ class ResNet(nn.Module):
 
 
 # (block, blocks per stage, deep stem) of each architecture
+# One entry per name of choices.ARCHITECTURES (tests/test_choices.py checks that they agree).
 _LAYOUTS = {
     "resnet18": (BasicBlock, (2, 2, 2, 2), False),
     "resnet34": (BasicBlock, (3, 4, 6, 3), False),
@@ -309,7 +311,7 @@ _LAYOUTS = {
     "resnet152": (Bottleneck, (3, 8, 36, 3), False),
     "resnet50d": (Bottleneck, (3, 4, 6, 3), True),
 }
-ARCHITECTURES = tuple(_LAYOUTS)
+ARCHITECTURES = choices.ARCHITECTURES
 
 
 def layout(name: str):

@@ -7,9 +7,10 @@ from typing import Callable, List
 import torch
 import torch.nn as nn
 
+import choices
 from errors import UserError
 
-SCHEDULES = ("step", "linear", "cosine")
+SCHEDULES = choices.LR_SCHEDULES
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool = False) -> List[dict]:

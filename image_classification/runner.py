@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import choices
 import pedconv
 from errors import UserError
 
@@ -67,7 +68,7 @@ def _check_args(args, context: distributed.Context) -> int:
         raise UserError("--evaluate and --training-only exclude each other")
     if args.evaluate and args.resume:
         logger.info("--evaluate with --resume: evaluating the resumed weights")
-    if args.data is not None and args.data_backend not in ("synthetic", "syntetic") and not os.path.isdir(args.data):
+    if args.data is not None and args.data_backend not in choices.SYNTHETIC_BACKENDS and not os.path.isdir(args.data):
         raise UserError(f"data folder {args.data} does not exist")
     if args.optimizer_batch_size in (-1, 0):
         return 1
@@ -375,7 +376,9 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
         set_tf32(args.tf32)
         logger.info("TF32 for float32 matrix products and convolutions: %s", "on" if args.tf32 else "off")
     _seed(args.seed, context.rank, args.deterministic)
-    memory_format = torch.channels_last if args.memory_format == "nhwc" else torch.contiguous_format
+    from dataloading.factory import MEMORY_FORMATS
+
+    memory_format = MEMORY_FORMATS[args.memory_format]
 
     checkpoint = _initial_weights(args)
     _choose_preprocessing(args, checkpoint)

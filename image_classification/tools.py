@@ -171,15 +171,6 @@ def checkpoint_preprocessing(checkpoint: Checkpoint, **given) -> dict:
     return chosen
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` (CUDA when present), ``cpu`` or ``cuda`` (an error without a GPU)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ToolError("--device cuda asked, but no CUDA device is available")
-    return torch.device(name)
-
-
 def autocast(device: torch.device, amp: bool):
     """The engine's mixed precision: float16 autocast on CUDA, bfloat16 on the CPU; nothing without ``amp``."""
     from .training import Precision
