@@ -10,7 +10,8 @@ The operator library (``pedconv``) is independent of this project and keeps its 
 and ``tests/test_choices.py`` asserts that the two agree.
 """
 
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50d")
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50d", "resnext101-32x4d",
+                 "se-resnext101-32x4d", "mobilenet_v2")
 
 DATA_BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")
 # Spellings accepted for compatibility with older DLE command lines.

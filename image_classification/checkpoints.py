@@ -24,7 +24,8 @@ become torchvision's (``layer1.1.conv2.weight``), so their checkpoints and ``che
 their optimizer state is matched to this project's parameters by :func:`load_foreign_optimizer_state`.
 A checkpoint's architecture is taken from its keys and shapes (:func:`infer_arch`): PEDConv layers are recognized
 by their ``attn.fc_share`` weights, so a PEDConv checkpoint builds a PEDConv model without being told; the depth
-from the blocks per stage, the width multiplier from the block widths, the classes from ``fc.weight``.
+from the blocks per stage, the width multiplier from the block widths, the classes from ``fc.weight``
+(MobileNetV2: ``classifier.1.weight``); see :func:`infer_arch`.
 
 Every failure is a :class:`CheckpointError` (a ValueError) with a short message: one line for a missing,
 unreadable or refused file, a few lines (truncated lists) for keys or shapes that do not fit the model.
@@ -46,7 +47,8 @@ import torch.nn as nn
 
 from errors import UserError
 
-from .models import ARCHITECTURES, STAGE_WIDTHS, BasicBlock, Bottleneck, build_model, layout, stage_widths
+from . import mobilenet
+from .models import ARCHITECTURES, BasicBlock, Bottleneck, _LAYOUTS, build_model, stage_widths
 
 PREFIXES = ("module.", "_orig_mod.")
 PEDCONV_KEY = ".attn.fc_share.weight"
@@ -232,16 +234,25 @@ def is_pedconv_state(state_dict: Dict[str, Any]) -> bool:
     return any(key.endswith(PEDCONV_KEY) for key in state_dict)
 
 
+CLASSIFIER_KEYS = ("fc.weight", "classifier.1.weight")  # ResNets', MobileNetV2's
+
+
 def infer_arch(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    """{'name', 'dynamic', 'wmul', 'num_classes'} of a ResNet state_dict, from its keys and shapes.
+    """{'name', 'dynamic', 'wmul', 'num_classes'} of a state_dict, from its keys and shapes.
 
     ``name`` and ``wmul`` are None when the keys match none of ``ARCHITECTURES`` (or widths no multiplier gives);
-    ``num_classes`` is None without an ``fc.weight``.
+    ``num_classes`` is None without classifier weights (``fc.weight``, MobileNetV2's ``classifier.1.weight``).
+    ResNet and ResNeXt of the same depth differ by the groups of their 3x3 convs (``conv2``), SE-ResNeXt has
+    ``squeeze`` layers; MobileNetV2 is told by its ``features.*`` and ``classifier.1`` keys.
     """
     state = strip_prefixes(state_dict)
-    fc = state.get("fc.weight")
+    fc = next((state[key] for key in CLASSIFIER_KEYS if key in state), None)
     arch = {"name": None, "dynamic": is_pedconv_state(state), "wmul": None,
             "num_classes": int(fc.shape[0]) if isinstance(fc, torch.Tensor) and fc.dim() == 2 else None}
+    if "features.0.0.weight" in state and "classifier.1.weight" in state:
+        arch["name"] = "mobilenet_v2"
+        arch["wmul"] = mobilenet.infer_wmul(state)
+        return arch
     blocks = [0, 0, 0, 0]
     for key in state:
         match = re.match(r"layer([1-4])\.(\d+)\.", key)
@@ -250,15 +261,18 @@ def infer_arch(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
             blocks[stage] = max(blocks[stage], int(match.group(2)) + 1)
     bottleneck = "layer1.0.conv3.weight" in state
     deep_stem = "conv2.weight" in state and "conv3.weight" in state
-    for name in ARCHITECTURES:
-        block, layers, deep = layout(name)
-        if list(layers) == blocks and (block is Bottleneck) == bottleneck and deep == deep_stem:
+    conv2 = state.get("layer1.0.conv2.weight")
+    groups = int(conv2.shape[0] // conv2.shape[1]) if isinstance(conv2, torch.Tensor) and conv2.dim() == 4 else 1
+    se = "layer1.0.squeeze.squeeze.weight" in state
+    for name, spec in _LAYOUTS.items():
+        if (list(spec.layers) == blocks and (spec.block is Bottleneck) == bottleneck and spec.deep_stem == deep_stem
+                and (spec.groups > 1) == (groups > 1) and spec.se == se):
             arch["name"] = name
-            arch["wmul"] = _infer_wmul(state, block)
+            arch["wmul"] = _infer_wmul(state, spec)
     return arch
 
 
-def _infer_wmul(state: Dict[str, torch.Tensor], block) -> Optional[float]:
+def _infer_wmul(state: Dict[str, torch.Tensor], spec) -> Optional[float]:
     """The smallest width multiplier whose widths (under the release's rules) are the checkpoint's, or None."""
     try:
         widths = [state[f"layer{i}.0.conv1.weight"].shape[0] for i in range(1, 5)]
@@ -267,10 +281,13 @@ def _infer_wmul(state: Dict[str, torch.Tensor], block) -> Optional[float]:
     # Each stage width bounds wmul to an interval: int(wmul * base) == width (basic blocks) or
     # min(int(wmul * base) + 1, base) == width (bottlenecks; the full width holds for any wmul above).
     low = 0.0
-    for width, base in zip(widths, STAGE_WIDTHS):
-        low = max(low, (width if block is BasicBlock else width - 1) / base)
-    for candidate in (1.0, low):  # the full model says 1.0, not the smallest multiplier that also gives it
-        if candidate > 0 and [inner for inner, _ in stage_widths(block, candidate)] == widths:
+    for width, base in zip(widths, spec.base_widths):
+        low = max(low, (width if spec.block is BasicBlock else width - 1) / base)
+    # The full model says 1.0, not the smallest multiplier that also gives it; grouped widths are also rounded to
+    # a multiple of the groups, which the interval does not see: then the first multiple of 0.01 that fits.
+    for candidate in (1.0, low, *(k / 100 for k in range(1, 101))):
+        if candidate > 0 and [inner for inner, _ in stage_widths(spec.block, candidate, spec.base_widths,
+                                                                 spec.expansion, spec.groups)] == widths:
             return candidate
     return None
 

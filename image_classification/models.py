@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Type, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -60,6 +60,8 @@ import pedconv
 from pedconv import PEDConv2d
 import choices
 from errors import UserError
+
+from . import mobilenet
 
 ConvFactory = Callable[..., nn.Module]
 
@@ -105,8 +107,10 @@ def get_config(name: str) -> ModelConfig:
 
 
 def last_batchnorms(model: nn.Module) -> List[nn.BatchNorm2d]:
-    """The last BatchNorm of every residual block (the one before the addition)."""
-    return [block.last_bn for block in model.modules() if isinstance(block, (BasicBlock, Bottleneck))]
+    """The last BatchNorm of every residual block (the one before the addition; MobileNetV2's blocks without an
+    addition have none)."""
+    blocks = (BasicBlock, Bottleneck, mobilenet.InvertedResidual)
+    return [block.last_bn for block in model.modules() if isinstance(block, blocks) and block.last_bn is not None]
 
 
 def initialize(model: nn.Module, config: Union[str, ModelConfig], zero_init_last_bn: bool = False) -> nn.Module:
@@ -179,23 +183,43 @@ class BasicBlock(nn.Module):
         return self.relu(out)
 
 
+class SqueezeExcitation(nn.Module):
+    """NVIDIA's squeeze-and-excitation: global mean, Linear to ``squeeze`` features, ReLU, Linear back, sigmoid;
+    their names (``squeeze``, ``expand``). The squeeze width is a fixed number of features (NVIDIA's
+    ``se_squeeze=16``), not a reduction ratio."""
+
+    def __init__(self, channels: int, squeeze: int = 16) -> None:
+        super().__init__()
+        self.squeeze = nn.Linear(channels, squeeze)
+        self.expand = nn.Linear(squeeze, channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The (B, C, 1, 1) channel weights of ``x``."""
+        weights = torch.sigmoid(self.expand(self.relu(self.squeeze(x.mean((2, 3))))))
+        return weights[:, :, None, None]
+
+
 class Bottleneck(nn.Module):
-    """1x1, 3x3 (strided: ResNet v1.5), 1x1 convs and a shortcut; torchvision's names."""
+    """1x1, 3x3 (strided: ResNet v1.5; grouped for ResNeXt), 1x1 convs and a shortcut; torchvision's names.
+    With ``se``, NVIDIA's SE-ResNeXt block: the residual branch is scaled by :class:`SqueezeExcitation`
+    (``squeeze``) before the addition."""
 
     expansion = 4
     __jit_unused_properties__ = ["last_bn"]
 
     def __init__(self, in_channels: int, width: int, out_channels: int, stride: int, conv: ConvFactory,
-                 avg_down: bool = False) -> None:
+                 avg_down: bool = False, groups: int = 1, se: bool = False) -> None:
         super().__init__()
         self.conv1 = conv(in_channels, width, 1, 1, 0, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = conv(width, width, 3, stride, 1, bias=False)
+        self.conv2 = conv(width, width, 3, stride, 1, groups=groups, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = conv(width, out_channels, 1, 1, 0, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_channels, out_channels, stride, avg_down)
+        self.squeeze = SqueezeExcitation(out_channels) if se else None
 
     @property
     def last_bn(self) -> nn.BatchNorm2d:
@@ -206,6 +230,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
+        if self.squeeze is not None:
+            out = out * self.squeeze(out)
         out += identity
         return self.relu(out)
 
@@ -214,15 +240,19 @@ class Bottleneck(nn.Module):
 # The network
 
 STAGE_WIDTHS = (64, 128, 256, 512)
+RESNEXT_WIDTHS = (128, 256, 512, 1024)  # NVIDIA's resnext101-32x4d: inner widths, block output = 2x
 
 
-def stage_widths(block: Type[nn.Module], wmul: float) -> List[tuple]:
-    """(inner width, output width) of each stage under the release's width multiplier rules."""
+def stage_widths(block: Type[nn.Module], wmul: float, base: Sequence[int] = STAGE_WIDTHS,
+                 expansion: Optional[int] = None, groups: int = 1) -> List[tuple]:
+    """(inner width, output width) of each stage under the release's width multiplier rules; for grouped blocks
+    the inner width is further rounded down to a multiple of ``groups`` (at least ``groups``)."""
     if wmul <= 0:
         raise UserError(f"wmul must be positive, got {wmul}")
     if block is BasicBlock:
-        return [(int(wmul * w), int(wmul * w)) for w in STAGE_WIDTHS]
-    return [(min(int(wmul * w) + 1, w), w * block.expansion) for w in STAGE_WIDTHS]
+        return [(int(wmul * w), int(wmul * w)) for w in base]
+    expansion = expansion or block.expansion
+    return [(max(groups, min(int(wmul * w) + 1, w) // groups * groups), w * expansion) for w in base]
 
 
 class ResNet(nn.Module):
@@ -237,6 +267,8 @@ class ResNet(nn.Module):
         deep_stem: the release's ResNet-D: deep stem, no max pool, layer1 strided, average-pool shortcuts.
         config, zero_init_last_bn: initialization, see :func:`initialize` (config None: :func:`default_config`).
         name: the architecture name recorded in :attr:`arch` (checkpoints store it).
+        base_widths, expansion, groups, se: the stages' inner widths, block output / inner width (None: the
+            block's), the 3x3 convs' groups (ResNeXt's cardinality) and NVIDIA's SE (bottlenecks only).
         pedconv_kwargs: passed to every :class:`pedconv.PEDConv2d` (``reduction``, ``rank``, ``noise_std``,
             ``info_max``, ``method``).
     """
@@ -254,6 +286,10 @@ class ResNet(nn.Module):
         config: Optional[str] = None,
         zero_init_last_bn: bool = False,
         name: Optional[str] = None,
+        base_widths: Sequence[int] = STAGE_WIDTHS,
+        expansion: Optional[int] = None,
+        groups: int = 1,
+        se: bool = False,
         **pedconv_kwargs,
     ) -> None:
         super().__init__()
@@ -263,7 +299,8 @@ class ResNet(nn.Module):
             raise UserError(f"PEDConv options {sorted(pedconv_kwargs)} need dynamic=True")
         self.arch = {"name": name, "dynamic": bool(dynamic), "wmul": float(wmul), "num_classes": int(num_classes)}
         conv: ConvFactory = functools.partial(PEDConv2d, **pedconv_kwargs) if dynamic else nn.Conv2d
-        widths = stage_widths(block, wmul)
+        widths = stage_widths(block, wmul, base_widths, expansion, groups)
+        grouping = {"groups": groups, "se": se} if block is Bottleneck else {}
         stem_width = int(wmul * 64) if block is BasicBlock else 64
         if deep_stem:
             self.conv1 = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
@@ -284,7 +321,8 @@ class ResNet(nn.Module):
             stride = 2 if index > 0 or deep_stem else 1
             blocks = []
             for i in range(count):
-                blocks.append(block(channels, width, out_channels, stride if i == 0 else 1, conv, deep_stem))
+                blocks.append(block(channels, width, out_channels, stride if i == 0 else 1, conv, deep_stem,
+                                    **grouping))
                 channels = out_channels
             setattr(self, f"layer{index + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -301,37 +339,75 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-# (block, blocks per stage, deep stem) of each architecture
-# One entry per name of choices.ARCHITECTURES (tests/test_choices.py checks that they agree).
+class Layout(NamedTuple):
+    """A ResNet-family architecture: block, blocks per stage, deep stem, inner widths, block output / inner width
+    (None: the block's), groups of the 3x3 convs, NVIDIA's SE."""
+
+    block: Type[nn.Module]
+    layers: Tuple[int, ...]
+    deep_stem: bool = False
+    base_widths: Tuple[int, ...] = STAGE_WIDTHS
+    expansion: Optional[int] = None
+    groups: int = 1
+    se: bool = False
+
+
+# One entry per ResNet-family name of choices.ARCHITECTURES; the others are in _OTHER_FAMILIES
+# (tests/test_choices.py checks that together they are the list).
 _LAYOUTS = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2), False),
-    "resnet34": (BasicBlock, (3, 4, 6, 3), False),
-    "resnet50": (Bottleneck, (3, 4, 6, 3), False),
-    "resnet101": (Bottleneck, (3, 4, 23, 3), False),
-    "resnet152": (Bottleneck, (3, 8, 36, 3), False),
-    "resnet50d": (Bottleneck, (3, 4, 6, 3), True),
+    "resnet18": Layout(BasicBlock, (2, 2, 2, 2)),
+    "resnet34": Layout(BasicBlock, (3, 4, 6, 3)),
+    "resnet50": Layout(Bottleneck, (3, 4, 6, 3)),
+    "resnet101": Layout(Bottleneck, (3, 4, 23, 3)),
+    "resnet152": Layout(Bottleneck, (3, 8, 36, 3)),
+    "resnet50d": Layout(Bottleneck, (3, 4, 6, 3), True),
+    "resnext101-32x4d": Layout(Bottleneck, (3, 4, 23, 3), False, RESNEXT_WIDTHS, 2, 32),
+    "se-resnext101-32x4d": Layout(Bottleneck, (3, 4, 23, 3), False, RESNEXT_WIDTHS, 2, 32, True),
 }
+_OTHER_FAMILIES = ("mobilenet_v2",)
 ARCHITECTURES = choices.ARCHITECTURES
 
 
-def layout(name: str):
-    """(block class, blocks per stage, deep stem) of an architecture name; ValueError naming the valid ones."""
+def layout(name: str) -> Layout:
+    """The :class:`Layout` of a ResNet-family architecture name; UserError naming the valid ones."""
     if name not in _LAYOUTS:
+        if name in _OTHER_FAMILIES:
+            raise UserError(f"{name} is not a ResNet: it has no ResNet layout")
         raise UserError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")
     return _LAYOUTS[name]
 
 
-def build_model(arch: str, dynamic: bool = False, num_classes: int = 1000, wmul: float = 1.0, **kwargs) -> ResNet:
-    """The architecture ``arch`` (one of ``ARCHITECTURES``); ``kwargs`` as :class:`ResNet`'s."""
-    block, layers, deep_stem = layout(arch)
-    return ResNet(block, layers, num_classes, wmul, dynamic, deep_stem, name=arch, **kwargs)
+def build_mobilenet_v2(dynamic: bool = False, num_classes: int = 1000, wmul: float = 1.0,
+                       config: Optional[str] = None, zero_init_last_bn: bool = False,
+                       **pedconv_kwargs) -> nn.Module:
+    """torchvision's MobileNetV2; with ``dynamic`` its block convs become PEDConv (see
+    :mod:`image_classification.mobilenet`), then every parameter is set by ``config`` (:func:`initialize`)."""
+    if pedconv_kwargs and not dynamic:
+        raise UserError(f"PEDConv options {sorted(pedconv_kwargs)} need dynamic=True")
+    model = mobilenet.MobileNetV2(num_classes, wmul)
+    if dynamic:
+        mobilenet.to_pedconv(model, **pedconv_kwargs)
+    model.arch = {"name": "mobilenet_v2", "dynamic": bool(dynamic), "wmul": float(wmul),
+                  "num_classes": int(num_classes)}
+    return initialize(model, config or default_config(dynamic), zero_init_last_bn)
+
+
+def build_model(arch: str, dynamic: bool = False, num_classes: int = 1000, wmul: float = 1.0,
+                **kwargs) -> nn.Module:
+    """The architecture ``arch`` (one of ``ARCHITECTURES``); ``kwargs`` as :class:`ResNet`'s (``config``,
+    ``zero_init_last_bn`` and PEDConv's options for every family)."""
+    if arch == "mobilenet_v2":
+        return build_mobilenet_v2(dynamic, num_classes, wmul, **kwargs)
+    spec = layout(arch)
+    return ResNet(spec.block, spec.layers, num_classes, wmul, dynamic, spec.deep_stem, name=arch,
+                  base_widths=spec.base_widths, expansion=spec.expansion, groups=spec.groups, se=spec.se, **kwargs)
 
 
 def _builder(arch: str):
-    def build(dynamic: bool = False, num_classes: int = 1000, wmul: float = 1.0, **kwargs) -> ResNet:
+    def build(dynamic: bool = False, num_classes: int = 1000, wmul: float = 1.0, **kwargs) -> nn.Module:
         return build_model(arch, dynamic, num_classes, wmul, **kwargs)
 
-    build.__name__ = build.__qualname__ = arch
+    build.__name__ = build.__qualname__ = arch.replace("-", "_")
     build.__doc__ = (
         f"{arch}(dynamic=False, num_classes=1000, wmul=1.0, *, config=None, zero_init_last_bn=False, "
         "**pedconv_kwargs): see :class:`ResNet` and the module docstring."
@@ -345,6 +421,9 @@ resnet50 = _builder("resnet50")
 resnet101 = _builder("resnet101")
 resnet152 = _builder("resnet152")
 resnet50d = _builder("resnet50d")
+resnext101_32x4d = _builder("resnext101-32x4d")
+se_resnext101_32x4d = _builder("se-resnext101-32x4d")
+mobilenet_v2 = _builder("mobilenet_v2")
 
 
 def dynamic_layers(model: nn.Module) -> List[PEDConv2d]:

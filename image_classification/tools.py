@@ -122,10 +122,11 @@ def model_from_checkpoint(checkpoint: Checkpoint, ema: bool = False, arch: Optio
         described = dict(described, name=described.get("name") or arch)
     if described.get("name") is None or described.get("wmul") is None:
         raise ToolError(f"{checkpoint.path}: cannot tell the architecture from the checkpoint's keys "
-                        f"(a ResNet of {', '.join(ARCHITECTURES)} is expected)")
+                        f"(one of {', '.join(ARCHITECTURES)} is expected)")
     check_arch(described["name"])
     if described.get("num_classes") is None:
-        raise ToolError(f"{checkpoint.path}: no classifier weights (fc.weight) in the checkpoint")
+        raise ToolError(f"{checkpoint.path}: no classifier weights (fc.weight or classifier.1.weight) "
+                        "in the checkpoint")
     model = build_model(described["name"], described["dynamic"], described["num_classes"], described["wmul"])
     load_model_state(model, weights_of(checkpoint, ema, allow_nonfinite))
     return model.eval()

@@ -22,6 +22,18 @@ BN_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_trac
 
 def nvidia_resnet50_shapes(num_classes: int = 1000) -> List[Tuple[str, Tuple[int, ...]]]:
     """(key, shape) of their ResNet-50's state_dict, in their module order."""
+    return nvidia_resnet_shapes(BLOCKS, WIDTHS, EXPANSION, 1, False, num_classes)
+
+
+# Their resnext101-32x4d / se-resnext101-32x4d (models/resnet.py's resnet_configs): layers 3, 4, 23, 3, widths
+# 128..1024, expansion 2, cardinality 32 (the 3x3 convs' groups); SEBottleneck adds ``squeeze`` =
+# SqueezeAndExcitation(planes * expansion, 16): Linears ``squeeze.squeeze`` (to 16 features) and ``squeeze.expand``.
+RESNEXT101 = dict(blocks=(3, 4, 23, 3), widths=(128, 256, 512, 1024), expansion=2, groups=32)
+
+
+def nvidia_resnet_shapes(blocks, widths, expansion, groups=1, se=False,
+                         num_classes: int = 1000) -> List[Tuple[str, Tuple[int, ...]]]:
+    """(key, shape) of one of their ResNet-family models' state_dict, in their module order."""
     entries: List[Tuple[str, Tuple[int, ...]]] = []
 
     def bn(name, channels):
@@ -31,20 +43,25 @@ def nvidia_resnet50_shapes(num_classes: int = 1000) -> List[Tuple[str, Tuple[int
     entries.append(("conv1.weight", (64, 3, 7, 7)))
     bn("bn1", 64)
     inplanes = 64
-    for stage, (count, width) in enumerate(zip(BLOCKS, WIDTHS)):
+    for stage, (count, width) in enumerate(zip(blocks, widths)):
         for block in range(count):
             prefix = f"layers.{stage}.{block}"
             entries.append((f"{prefix}.conv1.weight", (width, inplanes, 1, 1)))
             bn(f"{prefix}.bn1", width)
-            entries.append((f"{prefix}.conv2.weight", (width, width, 3, 3)))
+            entries.append((f"{prefix}.conv2.weight", (width, width // groups, 3, 3)))
             bn(f"{prefix}.bn2", width)
-            entries.append((f"{prefix}.conv3.weight", (width * EXPANSION, width, 1, 1)))
-            bn(f"{prefix}.bn3", width * EXPANSION)
+            entries.append((f"{prefix}.conv3.weight", (width * expansion, width, 1, 1)))
+            bn(f"{prefix}.bn3", width * expansion)
             if block == 0:
-                entries.append((f"{prefix}.downsample.0.weight", (width * EXPANSION, inplanes, 1, 1)))
-                bn(f"{prefix}.downsample.1", width * EXPANSION)
-            inplanes = width * EXPANSION
-    entries.append(("fc.weight", (num_classes, 2048)))
+                entries.append((f"{prefix}.downsample.0.weight", (width * expansion, inplanes, 1, 1)))
+                bn(f"{prefix}.downsample.1", width * expansion)
+            if se:
+                entries += [(f"{prefix}.squeeze.squeeze.weight", (16, width * expansion)),
+                            (f"{prefix}.squeeze.squeeze.bias", (16,)),
+                            (f"{prefix}.squeeze.expand.weight", (width * expansion, 16)),
+                            (f"{prefix}.squeeze.expand.bias", (width * expansion,))]
+            inplanes = width * expansion
+    entries.append(("fc.weight", (num_classes, inplanes)))
     entries.append(("fc.bias", (num_classes,)))
     return entries
 

@@ -10,7 +10,7 @@ import torchvision
 
 from image_classification import checkpoints
 from image_classification.checkpoints import CheckpointError, load_checkpoint, load_model_state
-from image_classification.models import ARCHITECTURES, build_model, stage_widths, layout
+from image_classification.models import ARCHITECTURES, build_model
 from tests.model_utils import meta_model
 from pedconv import PEDConv2d
 
@@ -69,8 +69,9 @@ def test_architecture_is_inferred_from_keys(arch):
             assert checkpoints.is_pedconv_state(state) == dynamic
             arch_info = checkpoints.infer_arch(state)
             assert (arch_info["name"], arch_info["dynamic"], arch_info["num_classes"]) == (arch, dynamic, 7)
-            block = layout(arch)[0]
-            assert stage_widths(block, arch_info["wmul"]) == stage_widths(block, wmul)
+            rebuilt = meta_model(arch, dynamic=dynamic, wmul=arch_info["wmul"], num_classes=7)
+            shapes = {key: value.shape for key, value in model.state_dict().items()}
+            assert {key: value.shape for key, value in rebuilt.state_dict().items()} == shapes
 
 
 def test_unknown_keys_give_no_architecture(tmp_path):

@@ -31,9 +31,12 @@ def test_the_parsers_list_of_pedconv_methods_is_the_operator_librarys():
 
 def test_every_architecture_name_has_a_layout_and_builds():
     assert models.ARCHITECTURES is choices.ARCHITECTURES
-    assert tuple(models._LAYOUTS) == choices.ARCHITECTURES
-    for name in choices.ARCHITECTURES:
+    assert set(models._LAYOUTS) | set(models._OTHER_FAMILIES) == set(choices.ARCHITECTURES)
+    assert len(models._LAYOUTS) + len(models._OTHER_FAMILIES) == len(choices.ARCHITECTURES)
+    for name in models._LAYOUTS:
         models.layout(name)
+    for name in choices.ARCHITECTURES:
+        assert callable(getattr(models, name.replace("-", "_")))
 
 
 def test_the_libraries_use_the_one_list():

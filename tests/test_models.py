@@ -115,9 +115,10 @@ def test_width_multiplier_follows_the_releases_rules():
 
 
 def test_lookup_by_name_and_unknown_names():
-    assert set(ARCHITECTURES) == {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50d"}
+    assert set(ARCHITECTURES) == {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50d",
+                                  "resnext101-32x4d", "se-resnext101-32x4d", "mobilenet_v2"}
     for name in ARCHITECTURES:
-        assert getattr(models, name).__name__ == name
+        assert getattr(models, name.replace("-", "_")).__name__ == name.replace("-", "_")
     model = models.resnet18(dynamic=True, num_classes=10, wmul=0.25, rank=2, method="unfold")
     assert model.arch == {"name": "resnet18", "dynamic": True, "wmul": 0.25, "num_classes": 10}
     assert all(m.rank == 2 and m.method == "unfold" for m in models.dynamic_layers(model))
