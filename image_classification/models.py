@@ -14,7 +14,16 @@ resnet50d   bottleneck    3, 4, 6, 3        the release's: deep stem (3x3 convs 
                                             conv1/bn1, conv2/bn2, conv3/bn3), no max pool, every stage (layer1
                                             too) strides by 2; shortcuts are 2x2 average pool, 1x1 conv, BN
                                             (downsample.0/.1/.2)
+resnext101  bottleneck,   3, 4, 23, 3       NVIDIA's resnext101-32x4d: as resnet50's stem and shortcuts; inner
+-32x4d      3x3 in 32                       widths 128, 256, 512, 1024, block outputs 2x (256...2048)
+            groups
+se-resnext  as resnext    3, 4, 23, 3       NVIDIA's: as resnext101-32x4d plus their squeeze-and-excitation
+101-32x4d   + SE                            (``squeeze``: Linear to 16 features, ReLU, Linear, sigmoid) scaling
+                                            the residual branch before the addition
 ==========  ============  ================  =====================================================================
+
+``mobilenet_v2`` is torchvision's MobileNetV2 (:mod:`image_classification.mobilenet`, which states its PEDConv
+placement and width rule); :func:`build_model` builds it too, with the same ``config``/``zero_init_last_bn``.
 
 Module names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0``, ``fc``...), so
 static models load torchvision's ResNet weights, and ``dynamic=True`` models load the release's checkpoints
@@ -24,12 +33,13 @@ stem ``conv1.0``/``conv1.1``/...); timm weights do not load into it.
 
 ``dynamic=True`` puts :class:`pedconv.PEDConv2d` exactly where the release does: every conv of every residual block
 (both 3x3 convs of a basic block, the three convs of a bottleneck, 1x1 ones included); never the stem, the
-shortcut convs or the classifier.
+shortcut convs or the classifier. ResNeXt's grouped 3x3 convs become PEDConv's grouped form; SE's Linears stay static.
 
 ``wmul`` is the release's width multiplier, with the release's two rules: for basic-block networks (resnet18/34)
 every width (stem, stages, classifier input) is ``int(wmul * width)``; for bottleneck networks only the inner
 widths of the blocks change, to ``min(int(wmul * width) + 1, width)`` (so ``wmul >= 1`` is the full model), the
-block outputs (256...2048), the stem and the classifier input stay.
+block outputs (256...2048), the stem and the classifier input stay. Grouped (ResNeXt) inner widths are further rounded down to a multiple
+of the groups, at least the groups.
 
 Initialization (``config``, the CLI's ``-c/--model-config``; see ``MODEL_CONFIGS``):
 
