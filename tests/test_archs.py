@@ -143,3 +143,39 @@ def test_one_epoch_of_pedconv_mobilenet_v2_through_main(tmp_path):
     loaded = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pth.tar")
     assert loaded.arch == {"name": "mobilenet_v2", "dynamic": True, "wmul": 0.25, "num_classes": 2}
     assert loaded.build_model().features[2].conv[1][0].groups > 1
+
+
+def _nvidia_names(state):
+    """Our keys in NVIDIA's layout (``layer2.0.conv1`` -> ``layers.1.0.conv1``), DDP-prefixed as their files are."""
+    return {"module." + re.sub(r"^layer(\d)\.", lambda m: f"layers.{int(m.group(1)) - 1}.", key): value
+            for key, value in state.items()}
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "se-resnext101-32x4d"])  # SE-ResNeXt covers ResNeXt's blocks
+def test_pedconv_checkpoint_converts_and_exports_to_onnx_with_a_dynamic_batch(arch, tmp_path, capsys):
+    import onnx
+
+    import checkpoint2model
+    import export_onnx
+
+    torch.manual_seed(0)
+    model = build_model(arch, dynamic=True, num_classes=5, wmul=TINY[arch]).eval()  # the release's init
+    with torch.no_grad():  # gates away from their 0.5 start (a gate left out of the graph would show), real logits
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".attn." in f".{name}":
+                module.weight.normal_(0, 0.1)
+        classifier = model.fc if hasattr(model, "fc") else model.classifier[1]
+        classifier.weight.normal_(0, 1.0)
+    state = _nvidia_names(model.state_dict()) if arch != "mobilenet_v2" else model.state_dict()
+    source, weights, out = tmp_path / "nvidia.pth.tar", tmp_path / "weights.pth", tmp_path / "model.onnx"
+    torch.save({"epoch": 3, "arch": arch, "state_dict": state, "best_prec1": 1.0, "optimizer": None}, source)
+    assert checkpoint2model.main(["--checkpoint-path", str(source), "--weight-path", str(weights)]) == 0
+    assert export_onnx.main(["--pretrained-from-file", str(weights), "--image-size", "32", "-o", str(out)]) == 0
+    capsys.readouterr()
+    graph = onnx.load(str(out)).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    differences = export_onnx.compare(model, str(out), 32, (1, 3))
+    with torch.no_grad():
+        logits = model(torch.randn(3, 3, 32, 32))
+    assert logits.std(0).max() > 1e-2 * logits.abs().max()  # logits that differ per image
+    assert max(differences.values()) < 1e-4 * logits.abs().max(), (differences, logits.abs().max())
