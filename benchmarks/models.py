@@ -52,7 +52,7 @@ def make_train_step(model, batch: int, image_size: int, device, amp: bool, chann
     images = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, model.fc.out_features, (batch,), generator=generator).to(device)
+    labels = torch.randint(0, model.arch["num_classes"], (batch,), generator=generator).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, init_scale=128.0, enabled=amp and amp_dtype is torch.float16)
