@@ -143,6 +143,15 @@ def test_one_epoch_of_pedconv_mobilenet_v2_through_main(tmp_path):
     loaded = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pth.tar")
     assert loaded.arch == {"name": "mobilenet_v2", "dynamic": True, "wmul": 0.25, "num_classes": 2}
     assert loaded.build_model().features[2].conv[1][0].groups > 1
+    # resumed for a second epoch; and torchvision's static weights starting a PEDConv model (their convs become W0)
+    resumed = argv[:-1] + [str(tmp_path / "resumed"), "--resume", str(tmp_path / "run" / "checkpoint.pth.tar"),
+                           "--epochs", "2"]
+    assert cli.main(resumed) == 0
+    assert checkpoints.load_checkpoint(tmp_path / "resumed" / "checkpoint.pth.tar").epoch == 2
+    torch.save(torchvision.models.mobilenet_v2(width_mult=0.25, num_classes=2).state_dict(), tmp_path / "tv.pth")
+    finetuned = argv[:-1] + [str(tmp_path / "finetuned"), "--pretrained-from-file", str(tmp_path / "tv.pth")]
+    assert cli.main(finetuned) == 0
+    assert checkpoints.load_checkpoint(tmp_path / "finetuned" / "checkpoint.pth.tar").arch["dynamic"]
 
 
 def _nvidia_names(state):
