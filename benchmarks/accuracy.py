@@ -129,14 +129,22 @@ def recipe_argv(settings: dict, model: str, seed: int, epochs: int, workspace: s
 def run_main(settings: dict, model: str, seed: int, epochs: int, out: str, slot: int) -> dict:
     """Train one run in a main.py subprocess; its record (per-epoch top-1, seconds). ``model``: STATIC, PEDCONV or
     STATIC_LONG (the static model, own workspace); ``slot``: which group of GPUs it may use."""
-    from image_classification.report import finished, load_run
-
     workspace = os.path.join(out, f"{model}-seed{seed}")
     if os.path.isdir(workspace):  # an unfinished earlier attempt: start afresh (the engine appends to reports)
         shutil.rmtree(workspace)
     os.makedirs(workspace)
     argv = recipe_argv(settings, model, seed, epochs, workspace)
     nproc = settings["nproc_per_node"]
+    log = os.path.join(workspace, "main.log")
+    start = time.perf_counter()
+    if settings.get("in_process"):
+        import main as engine
+
+        status = engine.main(argv)
+        seconds = time.perf_counter() - start
+        with open(log, "w") as stream:
+            stream.write(f"trained in this process (--in-process): exit status {status}\n")
+        return _record(model, seed, epochs, seconds, workspace, status, log)
     if nproc > 1:
         command = [sys.executable, os.path.join(ROOT, "multiproc.py"), "--nproc_per_node", str(nproc),
                    os.path.join(ROOT, "main.py")] + argv
@@ -147,11 +155,14 @@ def run_main(settings: dict, model: str, seed: int, epochs: int, out: str, slot:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(settings["gpus"][slot * nproc:(slot + 1) * nproc])
     elif settings["threads"]:
         env["OMP_NUM_THREADS"] = str(settings["threads"])
-    log = os.path.join(workspace, "main.log")
-    start = time.perf_counter()
     with open(log, "w") as stream:
         status = subprocess.call(command, stdout=stream, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    seconds = time.perf_counter() - start
+    return _record(model, seed, epochs, time.perf_counter() - start, workspace, status, log)
+
+
+def _record(model: str, seed: int, epochs: int, seconds: float, workspace: str, status: int, log: str) -> dict:
+    from image_classification.report import finished, load_run
+
     report = os.path.join(workspace, "raport.json")
     if status != 0 or not finished(report):
         with open(log, errors="replace") as stream:
@@ -459,6 +470,9 @@ def build_parser() -> ToolParser:
     parser.add_argument("-j", "--workers", type=int, default=2, help="data-loading workers per run")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS of each run on the CPU (default: the environment's)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="CPU, one run at a time: train in this process through main.main() (saves each run the "
+                             "interpreter's start and imports, some 10-30 s on a small or busy machine)")
     return parser
 
 
@@ -506,6 +520,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "equal_time": args.equal_time, "extra": extra, "nproc_per_node": args.nproc_per_node,
                 "workers": args.workers, "threads": args.threads, "gpus": gpus,
                 "device": "cuda" if gpus else "cpu"}
+    if args.in_process:
+        if gpus or jobs > 1 or args.nproc_per_node > 1:
+            raise ToolError("--in-process is for one CPU run at a time (no GPUs, --jobs 1, --nproc-per-node 1)")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        from image_classification.tools import quiet_logging
+
+        quiet_logging()
+    settings["in_process"] = args.in_process
     settings["run_data"] = data if args.train_fraction == 1.0 else subset_folder(data, args.train_fraction, out)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)

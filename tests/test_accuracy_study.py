@@ -161,3 +161,12 @@ def test_train_fraction_subset_is_fixed_per_class_and_keeps_val(tmp_path):
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert accuracy.main(argv) != 0
     assert message in capsys.readouterr().err
+
+
+def test_in_process_is_refused_for_parallel_runs(tmp_path, capsys):
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "a").mkdir(parents=True)
+    argv = [str(tmp_path / "data"), "--in-process", "--jobs", "2", "--out", str(tmp_path / "out")]
+    assert accuracy.main(argv) != 0
+    assert "--in-process is for one CPU run at a time" in capsys.readouterr().err
+    assert not (tmp_path / "out" / accuracy.RESULTS).exists()
