@@ -5,8 +5,9 @@
         --out logs/accuracy -- --data-backend dali-gpu --amp        # flags after -- go to main.py unchanged
 
 For every seed it trains the static model and the PEDConv model with main.py (one subprocess per run), the same
-recipe, epochs and ``--seed`` (so the same data order and augmentations: the training loader's shuffle and its
-workers' seeds come from ``--seed`` only, not from the model's initialization), and, with ``--equal-time`` (the
+recipe, epochs and ``--seed`` (so the same data order and, with data-loading workers, the same augmentations: the
+training loader's shuffle and its workers' seeds come from ``--seed`` only, not from the model's initialization;
+with ``-j 0`` the augmentations draw from torch's global generator, which the two initializations leave apart), and, with ``--equal-time`` (the
 default), a third run: the static model given the PEDConv run's wall time, i.e. ``round(epochs x t_PEDConv /
 t_static)`` epochs with the schedule stretched to them. Each model keeps its own initialization (the release's for
 PEDConv, Kaiming for the static one), as main.py does.
@@ -467,7 +468,10 @@ def build_parser() -> ToolParser:
     parser.add_argument("--jobs", type=int, default=None,
                         help="runs at once (default: visible GPUs // nproc-per-node, 1 without GPUs)")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="GPUs per run (a multiproc.py launch)")
-    parser.add_argument("-j", "--workers", type=int, default=2, help="data-loading workers per run")
+    parser.add_argument("-j", "--workers", type=int, default=2,
+                        help="data-loading workers per run; with 0 the pairs share the data order but not the "
+                             "augmentations (then drawn from torch's global generator, which each model's "
+                             "initialization advances differently)")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS of each run on the CPU (default: the environment's)")
     parser.add_argument("--in-process", action="store_true",
@@ -528,6 +532,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from image_classification.tools import quiet_logging
 
         quiet_logging()
+    if args.workers == 0:
+        print("warning: -j 0: each pair shares its data order but not its augmentations", file=sys.stderr)
     settings["in_process"] = args.in_process
     settings["run_data"] = data if args.train_fraction == 1.0 else subset_folder(data, args.train_fraction, out)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
