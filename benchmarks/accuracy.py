@@ -7,8 +7,8 @@
 For every seed it trains the static model and the PEDConv model with main.py (one subprocess per run), the same
 recipe, epochs and ``--seed`` (so the same data order and, with data-loading workers, the same augmentations: the
 training loader's shuffle and its workers' seeds come from ``--seed`` only, not from the model's initialization;
-with ``-j 0`` the augmentations draw from torch's global generator, which the two initializations leave apart), and, with ``--equal-time`` (the
-default), a third run: the static model given the PEDConv run's wall time, i.e. ``round(epochs x t_PEDConv /
+with ``-j 0`` the augmentations draw from torch's global generator, which the two initializations leave apart),
+and, with ``--equal-time`` (the default), a third run: the static model given the PEDConv run's training time, i.e. ``round(epochs x t_PEDConv /
 t_static)`` epochs with the schedule stretched to them. Each model keeps its own initialization (the release's for
 PEDConv, Kaiming for the static one), as main.py does.
 
