@@ -8,8 +8,9 @@ For every seed it trains the static model and the PEDConv model with main.py (on
 recipe, epochs and ``--seed`` (so the same data order and, with data-loading workers, the same augmentations: the
 training loader's shuffle and its workers' seeds come from ``--seed`` only, not from the model's initialization;
 with ``-j 0`` the augmentations draw from torch's global generator, which the two initializations leave apart),
-and, with ``--equal-time`` (the default), a third run: the static model given the PEDConv run's training time, i.e. ``round(epochs x t_PEDConv /
-t_static)`` epochs with the schedule stretched to them. Each model keeps its own initialization (the release's for
+and, with ``--equal-time`` (the default), a third run: the static model given the PEDConv run's training time,
+i.e. ``round(epochs x t_PEDConv / t_static)`` epochs (times from the reports, without the process's start) with the
+schedule stretched to them. Each model keeps its own initialization (the release's for
 PEDConv, Kaiming for the static one), as main.py does.
 
 The recipe is the demo's (``main.DEMO_DEFAULTS``: batch 32, SGD lr 0.1 with one warmup epoch then cosine, label
