@@ -14,7 +14,7 @@ import checkpoint2model
 import classify
 import export_onnx
 import main as cli
-from benchmarks import accuracy, throughput
+from benchmarks import throughput
 from image_classification import report
 from image_classification.checkpoints import load_checkpoint
 from image_classification.models import build_model
@@ -224,16 +224,6 @@ def test_benchmark_mode_on_synthetic_data_with_tiny_sizes(tmp_path, capsys):
                                                  "raport.json"), "evaluation", 1)
     assert len(compute) == 2 and images == pytest.approx([3, 3])
     assert throughput.percentile([4, 1, 3, 2], 50) == 2 and throughput.percentile([4, 1, 3, 2], 99) == 4
-
-
-def test_accuracy_check_runs_the_demo_recipe_with_only_the_model_and_seed_changed():
-    static = cli.parse_args(accuracy.recipe_argv("/d", False, 1, 4, "/w", 2))
-    dynamic = cli.parse_args(accuracy.recipe_argv("/d", True, 2, 4, "/w", 2))
-    for key, value in cli.DEMO_DEFAULTS.items():
-        if key not in ("dynamic", "epochs", "print_freq", "workspace", "raport_file", "workers"):
-            assert getattr(static, key) == getattr(dynamic, key) == value, key
-    assert (static.dynamic, dynamic.dynamic, static.seed, dynamic.seed, static.epochs) == (False, True, 1, 2, 4)
-    assert not static.save_checkpoints
 
 
 @pytest.mark.parametrize("tool, argv, message", [
