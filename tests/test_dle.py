@@ -20,7 +20,7 @@ import launch
 import main as cli
 from image_classification import affinity, checkpoints, runner
 from image_classification.dllog import read_report
-from image_classification.models import build_model, last_batchnorms
+from image_classification.models import last_batchnorms
 from image_classification.optim import build_optimizer
 from tests.data_utils import make_dataset
 from tests.nvidia_layout import (nvidia_optimizer_state, nvidia_parameter_names, nvidia_resnet50_forward,
