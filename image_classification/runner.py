@@ -29,7 +29,7 @@ from .models import ARCHITECTURES, build_model, default_config, disable_info_max
 from .optim import build_optimizer, lr_schedule
 from .summary import format_summary, summarize
 from .tools import DEFAULT_PREPROCESSING, checkpoint_preprocessing
-from .training import GracefulStop, Precision, Trainer
+from .training import GracefulStop, Precision, Trainer, steps_per_pass
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def _banner(args, rank: int, world_size: int) -> None:
 
 def _prepare_workspace(args, context) -> None:
     """Refuse a workspace that holds a finished run's checkpoints unless --resume or --overwrite; with --overwrite
-    (and for the demo) remove them first. Only rank 0 creates the folder or removes anything."""
+    (and for the demo) remove them first; only rank 0 removes anything (the folder is made by _check_outputs)."""
     if os.path.exists(args.workspace) and not os.path.isdir(args.workspace):
         raise UserError(f"--workspace {args.workspace} is a file, not a folder")
     if args.replace_demo:
@@ -301,10 +301,6 @@ def _prepare_workspace(args, context) -> None:
         os.remove(path)
     if args.replace_demo and args.raport_file and os.path.exists(os.path.join(args.workspace, args.raport_file)):
         os.remove(os.path.join(args.workspace, args.raport_file))
-    try:
-        os.makedirs(args.workspace, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create the workspace {args.workspace}: {error.strerror or error}") from None
 
 
 def run(args) -> int:
@@ -351,10 +347,6 @@ def _check_outputs(args, context: distributed.Context, report_path: Optional[str
         if removed:
             logger.info("removed %d temporary file(s) left by an interrupted save: %s", len(removed),
                         ", ".join(removed))
-
-
-def _steps(loader, prof: int) -> int:
-    return len(loader) if prof <= 0 else min(len(loader), prof)
 
 
 def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> int:
@@ -440,10 +432,10 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
     keys = metric_names(prefixes)
 
     def validate(epoch: int) -> dict:
-        val_loader = report.track(loaders.val, _steps(loaders.val, args.prof), f"val {epoch}")
+        val_loader = report.track(loaders.val, steps_per_pass(loaders.val, args.prof), f"val {epoch}")
         results = trainer.validate(val_loader, epoch)
         if ema is not None:
-            results.update(trainer.validate(report.track(loaders.val, _steps(loaders.val, args.prof),
+            results.update(trainer.validate(report.track(loaders.val, steps_per_pass(loaders.val, args.prof),
                                                          f"val EMA {epoch}"), epoch, ema.module, "val_ema"))
         return results
 
@@ -466,7 +458,7 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
         trainer.stop = stop
         for epoch in range(start_epoch, last_epoch):
             loaders.train.set_epoch(epoch)
-            train_loader = report.track(loaders.train, _steps(loaders.train, args.prof), f"epoch {epoch}")
+            train_loader = report.track(loaders.train, steps_per_pass(loaders.train, args.prof), f"epoch {epoch}")
             train_results = trainer.train_epoch(train_loader, epoch, schedule(epoch))
             if stop.requested:
                 _save(args, context, trainer, epoch, best_top1, False, ema, loaders.classes, numbered=False)

@@ -146,6 +146,11 @@ class _Interval:
         self.batches.append(batch)
 
 
+def steps_per_pass(loader, prof: int) -> int:
+    """The steps one pass over ``loader`` takes: all of them, or the first ``prof`` (``--prof``) when positive."""
+    return len(loader) if prof <= 0 else min(len(loader), prof)
+
+
 class Trainer:
     """One model's training and validation. ``model`` may be DDP-wrapped; ``ema`` follows the unwrapped one."""
 
@@ -194,7 +199,7 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         averages = Averages()
-        steps = len(loader) if self.prof <= 0 else min(len(loader), self.prof)
+        steps = steps_per_pass(loader, self.prof)
         interval = _Interval(time.perf_counter())
         end = interval.start
         for iteration, (images, labels) in enumerate(loader, start=1):
@@ -301,7 +306,7 @@ class Trainer:
         # sums of the criterion's loss and of the cross-entropy, top-1 and top-k hits, images
         totals = torch.zeros(5, dtype=torch.float64, device=self.context.device)
         latencies, averages = [], Averages()
-        steps = len(loader) if self.prof <= 0 else min(len(loader), self.prof)
+        steps = steps_per_pass(loader, self.prof)
         end = time.perf_counter()
         for iteration, (images, labels) in enumerate(loader, start=1):
             data_time = time.perf_counter() - end
