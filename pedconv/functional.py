@@ -371,8 +371,10 @@ def _unfold_backward(grad_out: Tensor, x: Tensor, weight: Tensor, gate_out: Tens
         grad_rows = raw_grad_rows[start * rows : stop * rows]
         if need_weight:
             columns = _gated_columns(windows, scale, start, stop, buffer)
-            # As (kh*kw*Cin, Cout), the columns as the left operand (no transposed copy of the gradient rows).
-            partial = torch.mm(columns.view(grad_rows.shape[0], -1).t(), grad_rows)
+            # As (Cout, kh*kw*Cin): its rows are the weight's own rows, so that the final reordering to
+            # (Cout, Cin, kh, kw) reads each output row from one place (from a (kh*kw*Cin, Cout) product it would
+            # gather every element from another page: slower than the product itself for the 7x7 layers).
+            partial = torch.mm(grad_rows.t(), columns.view(grad_rows.shape[0], -1))
             del columns
             if grad_weight_rows is None:
                 grad_weight_rows = partial.to(torch.promote_types(partial.dtype, torch.float32))
@@ -391,7 +393,7 @@ def _unfold_backward(grad_out: Tensor, x: Tensor, weight: Tensor, gate_out: Tens
                 # In place: the column gradient is not needed after the col2im above.
                 torch.sum(grad_columns.mul_(windows[start:stop]), (1, 2), out=grad_scale[start:stop])
     if need_weight:
-        grad_weight = grad_weight_rows.t().to(weight.dtype).view(out_channels, kh, kw, in_channels)
+        grad_weight = grad_weight_rows.to(weight.dtype).view(out_channels, kh, kw, in_channels)
         grad_weight = grad_weight.permute(0, 3, 1, 2)
         grad_weight = grad_weight.contiguous(memory_format=_memory_format_of(weight))
     if need_x:
