@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from dataloading import DataError, get_loaders, list_image_folder
+from dataloading import DataError, LoaderOptions, get_loaders, list_image_folder
 from dataloading import integrity
 from dataloading.common import shard_range, val_batch_sizes, val_batches_per_rank
 from dataloading.dali import dali_available
@@ -37,7 +37,7 @@ FOLDER_BACKENDS = [
 def small_loaders(backend, root, **kwargs):
     options = dict(workers=0, image_size=32, device="cpu")
     options.update(kwargs)
-    return get_loaders(backend, root, 4, **options)
+    return get_loaders(LoaderOptions(backend, root, 4, **options))
 
 
 @pytest.mark.parametrize("backend", FOLDER_BACKENDS)
@@ -61,7 +61,7 @@ def test_batches_have_the_promised_shape_type_and_layout(colour_data, backend, m
 
 def test_unknown_backend_is_a_value_error_listing_the_valid_ones(tmp_path):
     with pytest.raises(ValueError, match="pytorch, dali-cpu, dali-gpu, synthetic"):
-        get_loaders("dali", tmp_path, 4)
+        get_loaders(LoaderOptions("dali", tmp_path, 4))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -75,7 +75,7 @@ def test_unknown_backend_is_a_value_error_listing_the_valid_ones(tmp_path):
 ])
 def test_bad_arguments_raise_data_error(kwargs, message):
     with pytest.raises(DataError, match=message):
-        get_loaders("synthetic", None, 4, device="cpu", **kwargs)
+        get_loaders(LoaderOptions("synthetic", None, 4, device="cpu", **kwargs))
 
 
 def test_crop_area_reaches_the_pytorch_transform():
@@ -87,7 +87,7 @@ def test_crop_area_reaches_the_pytorch_transform():
 
 def test_batch_size_must_be_positive():
     with pytest.raises(DataError, match="batch_size"):
-        get_loaders("synthetic", None, 0, device="cpu")
+        get_loaders(LoaderOptions("synthetic", None, 0, device="cpu"))
 
 
 # --- synthetic -------------------------------------------------------------------------------
@@ -95,8 +95,8 @@ def test_batch_size_must_be_positive():
 @pytest.mark.parametrize("backend", ["synthetic", "syntetic"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_synthetic_batches(backend, memory_format):
-    loaders = get_loaders(backend, None, 6, image_size=40, memory_format=memory_format, device="cpu",
-                          synthetic_batches=3, num_classes=10)
+    loaders = get_loaders(LoaderOptions(backend, None, 6, image_size=40, memory_format=memory_format, device="cpu",
+                          synthetic_batches=3, num_classes=10))
     assert loaders.backend == "synthetic" and loaders.num_classes == 10
     for loader in (loaders.train, loaders.val):
         batches = list(loader)
@@ -111,7 +111,7 @@ def test_synthetic_batches(backend, memory_format):
 
 
 def test_synthetic_needs_no_data_folder_and_can_build_val_only():
-    loaders = get_loaders("synthetic", "/no/such/folder", 2, device="cpu", train=False)
+    loaders = get_loaders(LoaderOptions("synthetic", "/no/such/folder", 2, device="cpu", train=False))
     assert loaders.train is None and len(loaders.val) == 100
 
 
@@ -133,7 +133,7 @@ def test_listing_has_imagefolders_classes_and_order(tmp_path):
 
 def test_missing_data_root(tmp_path):
     with pytest.raises(DataError, match="data folder not found: .*nowhere"):
-        get_loaders("pytorch", tmp_path / "nowhere", 4, device="cpu")
+        get_loaders(LoaderOptions("pytorch", tmp_path / "nowhere", 4, device="cpu"))
 
 
 @pytest.mark.parametrize("backend", FOLDER_BACKENDS)
@@ -279,9 +279,9 @@ def test_package_imports_and_reports_missing_dali_without_it(tmp_path):
         "sys.modules['nvidia'] = None\n"
         "import dataloading\n"
         "assert not any(name.startswith('nvidia') and sys.modules[name] for name in sys.modules)\n"
-        "loaders = dataloading.get_loaders('synthetic', None, 2, device='cpu')\n"
+        "loaders = dataloading.get_loaders(dataloading.LoaderOptions('synthetic', None, 2, device='cpu'))\n"
         "try:\n"
-        f"    dataloading.get_loaders('dali-cpu', {str(tmp_path)!r}, 2, device='cpu')\n"
+        f"    dataloading.get_loaders(dataloading.LoaderOptions('dali-cpu', {str(tmp_path)!r}, 2, device='cpu'))\n"
         "except dataloading.DataError as error:\n"
         "    print(error)\n"
     )

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from dataloading import IMAGENET_STD_255, DataError, get_loaders, integrity
+from dataloading import IMAGENET_STD_255, DataError, LoaderOptions, get_loaders, integrity
 from dataloading.dali import dali_available
 from tests.data_utils import dominant_channel, make_dataset, unnormalize, write_garbage_jpeg, write_truncated_jpeg
 
@@ -21,7 +21,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an 
 def loaders_for(root, backend="dali-cpu", batch_size=4, **kwargs):
     options = dict(workers=1, image_size=IMAGE_SIZE, device="cpu", seed=3)
     options.update(kwargs)
-    return get_loaders(backend, root, batch_size, **options)
+    return get_loaders(LoaderOptions(backend, root, batch_size, **options))
 
 
 def val_images(root, backend, **kwargs):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from dataloading import DataError, get_loaders
+from dataloading import DataError, LoaderOptions, get_loaders
 from tests.data_utils import dominant_channel, make_dataset, write_garbage_jpeg, write_truncated_jpeg
 
 IMAGE_SIZE = 32
@@ -16,7 +16,7 @@ MEMORY_FORMATS = [torch.contiguous_format, torch.channels_last]
 def loaders_for(root, backend="pytorch", batch_size=4, **kwargs):
     options = dict(workers=0, image_size=IMAGE_SIZE, device="cpu", seed=3)
     options.update(kwargs)
-    return get_loaders(backend, root, batch_size, **options)
+    return get_loaders(LoaderOptions(backend, root, batch_size, **options))
 
 
 def test_labels_follow_imagefolder_order_and_travel_with_their_images(colour_data):
