@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from dataloading import DataError, get_loaders  # noqa: E402
+from dataloading import DataError, LoaderOptions, get_loaders  # noqa: E402
 
 DEFAULT_DATA = Path(tempfile.gettempdir()) / "pedconv-dataloading-bench"
 IMAGE_WIDTH, IMAGE_HEIGHT = 500, 375  # a typical ImageNet photo
@@ -63,9 +63,10 @@ def ensure_data(root: Path, num_images: int, seed: int = 0) -> Path:
 
 
 def measure(backend: str, data: Path, args) -> float:
-    loaders = get_loaders(backend, data, args.batch_size, workers=args.workers, image_size=args.image_size,
-                          augmentation=args.augmentation, device=args.device, prefetch=args.prefetch, val=False,
-                          synthetic_batches=max(1, args.images // args.batch_size), seed=args.seed)
+    loaders = get_loaders(LoaderOptions(backend, data, args.batch_size, workers=args.workers,
+                                        image_size=args.image_size, augmentation=args.augmentation,
+                                        device=args.device, prefetch=args.prefetch, val=False,
+                                        synthetic_batches=max(1, args.images // args.batch_size), seed=args.seed))
     loader = loaders.train
     for _ in loader:  # warm-up: worker start-up, page cache, DALI's buffer allocation
         pass

@@ -1,27 +1,31 @@
 """Input pipelines for ImageNet-style classification: one factory, four backends.
 
-    from dataloading import get_loaders, DataError
+    from dataloading import DataError, LoaderOptions, get_loaders
 
-    loaders = get_loaders("dali-cpu", "/data/imagenet", batch_size=256, workers=5,
-                          memory_format=torch.channels_last, device="cuda:0",
-                          rank=rank, world_size=world_size, seed=seed)
+    options = LoaderOptions("dali-cpu", "/data/imagenet", 256, workers=5,
+                            memory_format=torch.channels_last, device="cuda:0",
+                            rank=rank, world_size=world_size, seed=seed)
+    loaders = get_loaders(options)
     for epoch in range(epochs):
         loaders.train.set_epoch(epoch)
         for images, labels in loaders.train: ...
         for images, labels in loaders.val: ...
 
-``get_loaders(backend, data_root, batch_size, *, workers=5, image_size=224,
-interpolation="bilinear", augmentation=None, crop_area=(0.08, 1.0), memory_format=torch.contiguous_format, device=None,
-rank=0, world_size=1, seed=0, prefetch=2, verify_data=False, train=True, val=True,
-val_batch_size=None, synthetic_batches=100, num_classes=1000, cache_dir=None) -> Loaders``
+``LoaderOptions(backend, data_root, batch_size, workers=5, image_size=224,
+interpolation="bilinear", augmentation=None, crop_area=(0.08, 1.0), memory_format=torch.contiguous_format,
+device=None, rank=0, world_size=1, seed=0, prefetch=2, verify_data=False, train=True, val=True,
+val_batch_size=None, synthetic_batches=100, num_classes=1000, cache_dir=None)`` is checked when it is made
+(a bad value raises DataError naming it) and holds each value in its canonical form;
+``get_loaders(options) -> Loaders`` checks the data it names and builds the loaders. The fields:
 
 * `backend`: ``pytorch``, ``dali-cpu``, ``dali-gpu`` or ``synthetic`` (also spelled
   ``syntetic``); anything else raises DataError listing these.
 * `data_root`: a folder with ``train/`` and ``val/`` in ImageFolder layout (``<split>/<class>/
   <image>``); only the splits asked for (`train`, `val`) must exist, so an evaluation-only run
   needs no ``train/``. Ignored by ``synthetic``.
-* `batch_size` is per process. `workers` is DataLoader worker processes (``pytorch``) or DALI
-  threads. `prefetch` is batches prepared ahead per worker (``pytorch``) or DALI's queue depth.
+* `batch_size` is per process (`val_batch_size`, default `batch_size`, for validation). `workers`
+  is DataLoader worker processes (``pytorch``) or DALI threads. `prefetch` is batches prepared
+  ahead per worker (``pytorch``) or DALI's queue depth.
 * `interpolation`: ``bilinear``, ``bicubic`` or ``triangular`` (PIL's bilinear filter already
   widens when downscaling, so ``pytorch`` treats ``triangular`` as ``bilinear``).
 * `augmentation`: None, or ``autoaugment`` for the ImageNet AutoAugment policy on top of
@@ -38,6 +42,8 @@ val_batch_size=None, synthetic_batches=100, num_classes=1000, cache_dir=None) ->
   naming it) each one that fails; the result is cached in `cache_dir` (default
   ``$PEDCONV_DATA_CACHE`` or ``~/.cache/pedconv/data-scans``), keyed by the listing with file
   sizes and modification times.
+* `train`, `val`: which loaders to build (at least one).
+* `synthetic_batches`, `num_classes`: the ``synthetic`` backend's batches per pass and label range.
 
 Returns `Loaders(train, val, classes, backend)`; `train` or `val` is None when not asked for;
 `classes` are the class folder names in ImageFolder order (label i is ``classes[i]``).
@@ -93,7 +99,8 @@ one per batch; checked on the CPU), so batches may be kept. Leaving a DALI pass 
 """
 
 from .common import IMAGENET_MEAN_255, IMAGENET_STD_255, DataError, ImageFolderListing, list_image_folder
-from .factory import BACKENDS, Loader, Loaders, get_loaders
+from .factory import Loader, Loaders, get_loaders
+from .options import BACKENDS, LoaderOptions
 
 __all__ = [
     "BACKENDS",
@@ -102,6 +109,7 @@ __all__ = [
     "IMAGENET_STD_255",
     "ImageFolderListing",
     "Loader",
+    "LoaderOptions",
     "Loaders",
     "get_loaders",
     "list_image_folder",

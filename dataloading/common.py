@@ -7,12 +7,10 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from choices import INTERPOLATIONS
 from errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -27,8 +25,6 @@ CROP_PADDING = 32
 # RandomResizedCrop's ranges (relative area, aspect ratio), as in torchvision and DLE.
 RANDOM_AREA = (0.08, 1.0)
 RANDOM_ASPECT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-
-AUGMENTATIONS = (None, "autoaugment")
 
 
 class DataError(UserError):
@@ -211,25 +207,3 @@ class Normalizer:
     def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
         images = images_uint8.to(torch.float32, memory_format=self.memory_format)
         return images.mul_(self.scale).add_(self.shift)
-
-
-def interpolation_name(interpolation: str) -> str:
-    if interpolation not in INTERPOLATIONS:
-        raise DataError(f"unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
-    return interpolation
-
-
-def augmentation_name(augmentation: str | None) -> str | None:
-    if augmentation in ("", "none", "None"):
-        augmentation = None
-    if augmentation not in AUGMENTATIONS:
-        valid = ", ".join(str(a) for a in AUGMENTATIONS)
-        raise DataError(f"unknown augmentation {augmentation!r}; valid: {valid}")
-    return augmentation
-
-
-def class_names(listings: Sequence[ImageFolderListing | None]) -> tuple[str, ...]:
-    for listing in listings:
-        if listing is not None:
-            return listing.classes
-    return ()

@@ -43,6 +43,7 @@ from .common import (
     val_batch_sizes,
     val_batches_per_rank,
 )
+from .options import LoaderOptions
 
 logger = logging.getLogger(__name__)
 
@@ -426,48 +427,31 @@ class DaliLoader:
         return images, torch.empty((0,), dtype=torch.int64, device=self.device)
 
 
-def make_dali_loader(
-    listing: ImageFolderListing,
-    *,
-    training: bool,
-    gpu_decode: bool,
-    batch_size: int,
-    workers: int,
-    image_size: int,
-    interpolation: str,
-    augmentation: str | None,
-    memory_format: torch.memory_format,
-    device: torch.device,
-    rank: int,
-    world_size: int,
-    seed: int,
-    prefetch: int,
-    crop_area: tuple[float, float] = RANDOM_AREA,
-) -> DaliLoader:
+def make_dali_loader(listing: ImageFolderListing, options: LoaderOptions, *, training: bool) -> DaliLoader:
     dali = import_dali()
+    device = options.device
     on_gpu = device.type == "cuda"
-    if gpu_decode and not on_gpu:
-        raise DataError("data backend 'dali-gpu' needs a CUDA GPU and none is in use; "
-                        "use --data-backend dali-cpu or pytorch")
+    gpu_decode = options.backend == "dali-gpu"  # get_loaders has checked that it has a GPU
+    batch_size, rank, world_size = options.batch_size_for(training), options.rank, options.world_size
     split = "train" if training else "val"
-    layout = "HWC" if memory_format == torch.channels_last else "CHW"
     common = dict(
         gpu_decode=gpu_decode,
         output_to_gpu=on_gpu,
         batch_size=batch_size,
-        threads=max(1, workers),
+        threads=max(1, options.workers),
         device_id=device.index if on_gpu else None,
-        seed=seed + rank,  # augmentation differs per rank; the shuffle seed is shared
-        prefetch=max(1, prefetch),
-        image_size=image_size,
-        interpolation=interpolation,
-        layout=layout,
+        seed=options.seed + rank,  # augmentation differs per rank; the shuffle seed is shared
+        prefetch=max(1, options.prefetch),
+        image_size=options.image_size,
+        interpolation=options.interpolation,
+        layout="HWC" if options.memory_format == torch.channels_last else "CHW",
     )
     files = [path for path, _ in listing.samples]
     labels = [label for _, label in listing.samples]
     if training:
-        pipeline = build_train_pipeline(dali, files, labels, shuffle_seed=seed, rank=rank, world_size=world_size,
-                                        augmentation=augmentation, crop_area=crop_area, **common)
+        pipeline = build_train_pipeline(dali, files, labels, shuffle_seed=options.seed, rank=rank,
+                                        world_size=world_size, augmentation=options.augmentation,
+                                        crop_area=options.crop_area, **common)
         num_batches = train_batches_per_rank(len(files), batch_size, world_size)
         shard_size = num_batches * batch_size
     else:
@@ -480,8 +464,6 @@ def make_dali_loader(
                                           **common)
     logger.debug("DALI %s pipeline: %d batches of %d on rank %d/%d", split, num_batches, batch_size, rank,
                  world_size)
-    loader = DaliLoader(dali, pipeline, training=training, classes=listing.classes, batch_size=batch_size,
-                        num_batches=num_batches, shard_size=shard_size, image_size=image_size,
-                        memory_format=memory_format,
-                        device=device, split=split, listing=listing)
-    return loader
+    return DaliLoader(dali, pipeline, training=training, classes=listing.classes, batch_size=batch_size,
+                      num_batches=num_batches, shard_size=shard_size, image_size=options.image_size,
+                      memory_format=options.memory_format, device=device, split=split, listing=listing)

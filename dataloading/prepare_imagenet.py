@@ -503,14 +503,7 @@ def prepare(out: Path, train_tar: Optional[str], val_tar: Optional[str], allow_p
     """Prepare `out` from the tars; returns the summary line. Raises DataError (one line) on bad input."""
     allow_partial = allow_partial or classes is not None
     tars = {split: path for split, path in (("val", val_tar), ("train", train_tar)) if path}
-    for split, path in tars.items():
-        if not os.path.exists(path):
-            raise DataError(f"--{split}-tar {path}: no such file")
-        if os.path.isdir(path):
-            raise DataError(f"--{split}-tar {path}: a folder, not a tar file")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out}: exists and is not a folder")
-
+    check_paths(out, tars)
     markers = {split: read_marker(out, split) for split in SPLITS}
     done = {split: markers[split] for split in tars if markers[split] is not None}
     todo = {split: path for split, path in tars.items() if split not in done}
@@ -529,14 +522,42 @@ def prepare(out: Path, train_tar: Optional[str], val_tar: Optional[str], allow_p
     check_free_space(todo, out, len(classes) / ILSVRC2012_COUNTS["train"][1] if classes else 1.0)
     out.mkdir(parents=True, exist_ok=True)
 
+    started = time.monotonic()
+    keep = classes_to_keep(classes, markers, allow_partial)
+    extracted = extract_splits(todo, out, labels, keep, allow_partial)
+    checks = check_splits(out, extracted, allow_partial)
+    os.sync()  # the images on disk before the markers that vouch for them
+    for split, check in checks.items():
+        write_marker(out, check, extracted[split], extracted[split].names)
+    return result_line(out, checks, extracted, done, time.monotonic() - started)
+
+
+def check_paths(out: Path, tars: Dict[str, str]) -> None:
+    for split, path in tars.items():
+        if not os.path.exists(path):
+            raise DataError(f"--{split}-tar {path}: no such file")
+        if os.path.isdir(path):
+            raise DataError(f"--{split}-tar {path}: a folder, not a tar file")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a folder")
+
+
+def classes_to_keep(classes: Optional[Set[str]], markers: Dict[str, Optional[dict]],
+                    allow_partial: bool) -> Optional[Set[str]]:
+    """The classes to extract (None: all): `classes`, narrowed to those of a split prepared earlier."""
     keep = set(classes) if classes else None
     for marker in markers.values():  # a split prepared earlier decides the classes of the other
         if marker is not None and allow_partial:
             keep = set(marker.get("classes", [])) & keep if keep is not None else set(marker.get("classes", []))
+    return keep
 
-    started = time.monotonic()
+
+def extract_splits(todo: Dict[str, str], out: Path, labels: Optional[List[str]], keep: Optional[Set[str]],
+                   allow_partial: bool) -> Dict[str, Extracted]:
+    """Extract the splits to do, validation first: it is small, and with --allow-partial its classes decide the
+    training classes (a validation class the training tar lacks is removed again)."""
     extracted: Dict[str, Extracted] = {}
-    if "val" in todo:  # first: it is small, and with --allow-partial its classes decide the training classes
+    if "val" in todo:
         extracted["val"] = extract_val(todo["val"], out, labels, keep)
         if not extracted["val"].names:  # before reading the training tar for nothing
             raise DataError(f"{todo['val']}: no images of the selected classes")
@@ -550,7 +571,12 @@ def prepare(out: Path, train_tar: Optional[str], val_tar: Optional[str], allow_p
                 shutil.rmtree(out / "val" / wnid)
                 del extracted["val"].names[wnid]
                 extracted["val"].skipped_classes.add(wnid)
+    return extracted
 
+
+def check_splits(out: Path, extracted: Dict[str, Extracted], allow_partial: bool) -> Dict[str, SplitCheck]:
+    """Each extracted split checked (`check_split`), the two splits' classes against each other, and no image
+    failing the header check."""
     checks = {split: check_split(out, result, allow_partial) for split, result in extracted.items()}
     if (out / "train").is_dir() and (out / "val").is_dir():
         check_same_classes(list_image_folder(out, "train"), list_image_folder(out, "val"))
@@ -559,10 +585,12 @@ def prepare(out: Path, train_tar: Optional[str], val_tar: Optional[str], allow_p
         path, reason = next(iter(unreadable.items()))
         raise DataError(f"{len(unreadable):,} extracted images fail the header check, e.g. {path} ({reason}): "
                         "a damaged tar? (main.py skips such files with a warning)")
-    os.sync()  # the images on disk before the markers that vouch for them
-    for split, check in checks.items():
-        write_marker(out, check, extracted[split], extracted[split].names)
+    return checks
 
+
+def result_line(out: Path, checks: Dict[str, SplitCheck], extracted: Dict[str, Extracted], done: Dict[str, dict],
+                seconds: float) -> str:
+    """The one line `prepare` returns."""
     written = sum(result.written for result in extracted.values())
     skipped = sorted(set().union(*(result.skipped_classes for result in extracted.values())))
     parts = [check.describe() for split, check in sorted(checks.items(), key=lambda item: SPLITS.index(item[0]))]
@@ -570,7 +598,7 @@ def prepare(out: Path, train_tar: Optional[str], val_tar: Optional[str], allow_p
     counts = ("ILSVRC2012's counts" if all(check.full for check in checks.values())
               else f"a subset (--allow-partial{f'; {len(skipped):,} classes left out' if skipped else ''})")
     return (f"prepared {out}: {'; '.join(parts)}; {counts}; every image passes the header check; "
-            f"{written:,} images written in this run, {duration(time.monotonic() - started)}")
+            f"{written:,} images written in this run, {duration(seconds)}")
 
 
 def build_parser():

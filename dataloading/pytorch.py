@@ -28,6 +28,7 @@ from .common import (
     val_batch_sizes,
     val_batches_per_rank,
 )
+from .options import LoaderOptions
 
 logger = logging.getLogger(__name__)
 
@@ -190,66 +191,49 @@ def cuda_prefetch(batches, device: torch.device, normalize: Normalizer):
 class PytorchLoader:
     """Iterable of (images, labels) for one split; see the package docstring for the contract."""
 
-    def __init__(
-        self,
-        listing: ImageFolderListing,
-        *,
-        training: bool,
-        batch_size: int,
-        workers: int,
-        image_size: int,
-        interpolation: str,
-        augmentation: str | None,
-        memory_format: torch.memory_format,
-        device: torch.device,
-        rank: int,
-        world_size: int,
-        seed: int,
-        prefetch: int,
-        crop_area: tuple[float, float] = RANDOM_AREA,
-    ):
+    def __init__(self, listing: ImageFolderListing, options: LoaderOptions, *, training: bool):
         self.classes = listing.classes
-        self.batch_size = batch_size
+        self.batch_size = options.batch_size_for(training)
         self.training = training
-        self.device = device
+        self.device = device = options.device
         self._epoch = 0
-        self._seed = seed + rank
+        self._seed = options.seed + options.rank
         self._pass = None  # the generator of the pass in progress (see close)
-        self._normalize = Normalizer(device, memory_format)
+        self._normalize = Normalizer(device, options.memory_format)
         if training:
-            transform = train_transform(image_size, interpolation, augmentation, crop_area)
+            transform = train_transform(options.image_size, options.interpolation, options.augmentation,
+                                        options.crop_area)
         else:
-            transform = val_transform(image_size, interpolation)
+            transform = val_transform(options.image_size, options.interpolation)
         self.dataset = ListedImageFolder(listing, transform, substitute_unreadable=training)
-
-        sampling = {}
-        if training:
-            # Also with one process: it gives a seeded, per-epoch order and pads to equal shards.
-            self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
-                                              shuffle=True, seed=seed, drop_last=False)
-            sampling = dict(sampler=self.sampler, batch_size=batch_size, drop_last=True)
-            self.num_samples = train_batches_per_rank(len(listing), batch_size, world_size) * batch_size
-        else:
-            self.sampler = None
-            batch_sampler = ValBatchSampler(len(listing), batch_size, rank, world_size)
-            sampling = dict(batch_sampler=batch_sampler)
-            self.num_samples = len(shard_range(len(listing), rank, world_size))
-
         worker_options = {}
-        if workers > 0:
+        if options.workers > 0:
             # Workers restart every pass: each pass then seeds its workers from (seed, rank, epoch) alone, so a
             # run resumed at epoch e augments exactly as an uninterrupted one (persistent workers would carry
             # their random state over from earlier epochs).
-            worker_options = dict(prefetch_factor=max(1, prefetch), persistent_workers=False)
+            worker_options = dict(prefetch_factor=max(1, options.prefetch), persistent_workers=False)
         self.loader = DataLoader(
             self.dataset,
-            num_workers=workers,
-            collate_fn=Uint8Collate(image_size, memory_format),
+            num_workers=options.workers,
+            collate_fn=Uint8Collate(options.image_size, options.memory_format),
             pin_memory=device.type == "cuda",
             generator=torch.Generator(),  # reseeded at the start of every pass (see __iter__)
-            **sampling,
+            **self._sampling(len(listing), options.seed, options.rank, options.world_size),
             **worker_options,
         )
+
+    def _sampling(self, num_listed: int, seed: int, rank: int, world_size: int) -> dict:
+        """The DataLoader's sampling options for this rank; sets `sampler` and `num_samples`."""
+        batch_size = self.batch_size
+        if self.training:
+            # Also with one process: it gives a seeded, per-epoch order and pads to equal shards.
+            self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
+                                              shuffle=True, seed=seed, drop_last=False)
+            self.num_samples = train_batches_per_rank(num_listed, batch_size, world_size) * batch_size
+            return dict(sampler=self.sampler, batch_size=batch_size, drop_last=True)
+        self.sampler = None
+        self.num_samples = len(shard_range(num_listed, rank, world_size))
+        return dict(batch_sampler=ValBatchSampler(num_listed, batch_size, rank, world_size))
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -8,27 +8,29 @@ from __future__ import annotations
 
 import torch
 
+from .options import LoaderOptions
+
 
 class SyntheticLoader:
-    """Yields the same (images, labels) batch `num_batches` times per pass (a finite epoch).
+    """Yields the same (images, labels) batch `options.synthetic_batches` times per pass (a finite epoch).
 
     Images are standard-normal float32, i.e. distributed like normalized data; labels are
-    uniform over `num_classes`. Nothing is copied per step: each step gets the same tensors.
+    uniform over `options.num_classes`. Nothing is copied per step: each step gets the same tensors.
     """
 
-    def __init__(self, *, batch_size: int, image_size: int, num_classes: int, num_batches: int,
-                 memory_format: torch.memory_format, device: torch.device, seed: int, training: bool):
-        generator = torch.Generator().manual_seed(seed)
+    def __init__(self, options: LoaderOptions, *, training: bool):
+        batch_size, image_size = options.batch_size_for(training), options.image_size
+        generator = torch.Generator().manual_seed(options.seed + options.rank)
         images = torch.randn((batch_size, 3, image_size, image_size), generator=generator)
-        labels = torch.randint(0, num_classes, (batch_size,), generator=generator, dtype=torch.int64)
-        self.images = images.to(device).contiguous(memory_format=memory_format)
-        self.labels = labels.to(device)
-        self.classes = tuple(f"synthetic_{index:04d}" for index in range(num_classes))
+        labels = torch.randint(0, options.num_classes, (batch_size,), generator=generator, dtype=torch.int64)
+        self.images = images.to(options.device).contiguous(memory_format=options.memory_format)
+        self.labels = labels.to(options.device)
+        self.classes = tuple(f"synthetic_{index:04d}" for index in range(options.num_classes))
         self.batch_size = batch_size
         self.training = training
-        self.device = device
-        self.num_samples = batch_size * num_batches
-        self._num_batches = num_batches
+        self.device = options.device
+        self.num_samples = batch_size * options.synthetic_batches
+        self._num_batches = options.synthetic_batches
 
     def __len__(self) -> int:
         return self._num_batches

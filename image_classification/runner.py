@@ -120,9 +120,9 @@ def _seed(seed: Optional[int], rank: int, deterministic: bool) -> None:
 
 
 def _loaders(args, context, memory_format):
-    from dataloading import get_loaders
+    from dataloading import LoaderOptions, get_loaders
 
-    return get_loaders(
+    return get_loaders(LoaderOptions(
         args.data_backend, args.data, args.batch_size, workers=args.workers, image_size=args.image_size,
         interpolation=args.interpolation, augmentation=args.augmentation, crop_area=(args.crop_area_min, 1.0),
         memory_format=memory_format,
@@ -130,7 +130,7 @@ def _loaders(args, context, memory_format):
         seed=args.seed if args.seed is not None else 0, prefetch=args.prefetch, verify_data=args.verify_data,
         train=not args.evaluate, val=not args.training_only,
         synthetic_batches=args.prof if args.prof > 0 else 100, num_classes=args.num_classes or 1000,
-    )
+    ))
 
 
 def _initial_weights(args) -> Optional[checkpoints.Checkpoint]:

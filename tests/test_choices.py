@@ -6,7 +6,7 @@ import sys
 import choices
 import main as cli
 import pedconv
-from dataloading import factory
+from dataloading import options as loader_options
 from image_classification import models, optim
 
 
@@ -17,8 +17,9 @@ def _choices(parser, dest):
 def test_main_help_choices_come_from_the_library_constants():
     parser = cli.build_parser()
     assert tuple(_choices(parser, "pedconv_method")) == choices.PEDCONV_METHODS
-    assert tuple(_choices(parser, "data_backend")) == factory.BACKENDS + tuple(factory.BACKEND_ALIASES)
-    assert tuple(_choices(parser, "memory_format")) == tuple(factory.MEMORY_FORMATS)
+    backends = loader_options.BACKENDS + tuple(loader_options.BACKEND_ALIASES)
+    assert tuple(_choices(parser, "data_backend")) == backends
+    assert tuple(_choices(parser, "memory_format")) == tuple(loader_options.MEMORY_FORMATS)
     assert tuple(_choices(parser, "interpolation")) == choices.INTERPOLATIONS
     assert tuple(_choices(parser, "device")) == choices.DEVICES
     assert tuple(_choices(parser, "lr_schedule")) == optim.SCHEDULES
@@ -40,7 +41,8 @@ def test_every_architecture_name_has_a_layout_and_builds():
 
 
 def test_the_libraries_use_the_one_list():
-    assert factory.BACKENDS is choices.DATA_BACKENDS and factory.BACKEND_ALIASES is choices.DATA_BACKEND_ALIASES
+    assert loader_options.BACKENDS is choices.DATA_BACKENDS
+    assert loader_options.BACKEND_ALIASES is choices.DATA_BACKEND_ALIASES
     assert set(choices.SYNTHETIC_BACKENDS) == {"synthetic", *(alias for alias, name in
                                                                 choices.DATA_BACKEND_ALIASES.items()
                                                                 if name == "synthetic")}

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dataloading import get_loaders
+from dataloading import LoaderOptions, get_loaders
 from dataloading.common import train_batches_per_rank
 from image_classification.ema import EMA
 from image_classification.losses import Mixup, SoftTargetCrossEntropy
@@ -187,6 +187,6 @@ def test_training_batches_per_rank_follow_the_padded_shards(tmp_path):
                 assert train_batches_per_rank(samples, batch, world) == padded // batch, (samples, batch, world)
     make_dataset(tmp_path, {"a": 8, "b": 7}, {"a": 1, "b": 1}, size_range=(36, 40))
     for rank in range(2):
-        train = get_loaders("pytorch", str(tmp_path), 4, workers=0, image_size=32, device="cpu", rank=rank,
-                            world_size=2, val=False).train
+        train = get_loaders(LoaderOptions("pytorch", str(tmp_path), 4, workers=0, image_size=32, device="cpu",
+                                          rank=rank, world_size=2, val=False)).train
         assert len(train) == 2 and [len(labels) for _, labels in train] == [4, 4]

@@ -212,11 +212,11 @@ def colour_data(tmp_path_factory):
 
 @pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "nhwc"])
 def test_pytorch_backend_prefetches_to_the_gpu(colour_data, memory_format):
-    from dataloading import get_loaders
+    from dataloading import LoaderOptions, get_loaders
 
     options = dict(image_size=32, seed=3, memory_format=memory_format)
-    cpu = get_loaders("pytorch", colour_data, 4, workers=0, device="cpu", train=False, **options).val
-    gpu = get_loaders("pytorch", colour_data, 4, workers=2, device="cuda", train=False, **options).val
+    cpu = get_loaders(LoaderOptions("pytorch", colour_data, 4, workers=0, device="cpu", train=False, **options)).val
+    gpu = get_loaders(LoaderOptions("pytorch", colour_data, 4, workers=2, device="cuda", train=False, **options)).val
     for (cpu_images, cpu_labels), (gpu_images, gpu_labels) in zip(cpu, gpu, strict=True):
         assert gpu_images.is_cuda and gpu_images.is_contiguous(memory_format=memory_format)
         torch.testing.assert_close(gpu_images.cpu(), cpu_images)
@@ -233,10 +233,10 @@ def _dali():
 @pytest.mark.parametrize("backend", ["dali-gpu", "dali-cpu"])
 def test_dali_loaders_deliver_labelled_batches_on_the_gpu(colour_data, backend):
     _dali()
-    from dataloading import get_loaders
+    from dataloading import LoaderOptions, get_loaders
 
-    loaders = get_loaders(backend, colour_data, 4, workers=2, image_size=32, seed=3, device="cuda",
-                          memory_format=torch.channels_last, augmentation="autoaugment")
+    loaders = get_loaders(LoaderOptions(backend, colour_data, 4, workers=2, image_size=32, seed=3, device="cuda",
+                                        memory_format=torch.channels_last, augmentation="autoaugment"))
     for _ in range(2):  # two epochs: the same number of batches each
         train = [(images, labels) for images, labels in loaders.train]
         assert len(train) == 4
@@ -274,9 +274,9 @@ def test_tf32_switch_changes_float32_matmuls():
 
 def test_two_dali_passes_on_cuda_do_not_leak_device_memory(colour_data):
     _dali()
-    from dataloading import get_loaders
+    from dataloading import LoaderOptions, get_loaders
 
-    loaders = get_loaders("dali-gpu", colour_data, 4, workers=2, image_size=32, seed=3, device="cuda")
+    loaders = get_loaders(LoaderOptions("dali-gpu", colour_data, 4, workers=2, image_size=32, seed=3, device="cuda"))
     list(loaders.train)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()

@@ -1,5 +1,7 @@
-"""Backend-independent parts of `dataloading`: arguments, folder checks, scans, synthetic data."""
+"""Backend-independent parts of `dataloading`: options, folder checks, scans, synthetic data (the contract every
+backend keeps is in test_dataloading_contract.py)."""
 
+import dataclasses
 import json
 import os
 import random
@@ -13,55 +15,23 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from dataloading import DataError, get_loaders, list_image_folder
+from dataloading import DataError, LoaderOptions, get_loaders, list_image_folder
 from dataloading import integrity
 from dataloading.common import shard_range, val_batch_sizes, val_batches_per_rank
-from dataloading.dali import dali_available
-from tests.data_utils import (
-    make_dataset,
-    unnormalize,
-    make_image_folder,
-    write_garbage_jpeg,
-    write_jpeg,
-    write_truncated_jpeg,
-)
+from tests.data_utils import make_dataset, make_image_folder, write_garbage_jpeg, write_jpeg, write_truncated_jpeg
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FOLDER_BACKENDS = [
-    "pytorch",
-    pytest.param("dali-cpu", marks=pytest.mark.skipif(
-        not dali_available(), reason="NVIDIA DALI not installed (pip install -r requirements.txt)")),
-]
 
 
-def small_loaders(backend, root, **kwargs):
-    options = dict(workers=0, image_size=32, device="cpu")
-    options.update(kwargs)
-    return get_loaders(backend, root, 4, **options)
+def pytorch_loaders(root, **kwargs):
+    return get_loaders(LoaderOptions("pytorch", root, 4, workers=0, image_size=32, device="cpu", **kwargs))
 
 
-@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_batches_have_the_promised_shape_type_and_layout(colour_data, backend, memory_format):
-    loaders = small_loaders(backend, colour_data, memory_format=memory_format)
-    for loader in (loaders.train, loaders.val):
-        images, labels = list(loader)[0]  # a whole pass, which also closes DALI's epoch
-        assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
-        assert images.device.type == "cpu"
-        assert images.is_contiguous(memory_format=memory_format)
-        if memory_format == torch.channels_last:
-            assert not images.is_contiguous()
-        assert labels.shape == (4,) and labels.dtype == torch.int64
-        pixels = unnormalize(images)
-        assert pixels.min() >= -0.5 and pixels.max() <= 255.5  # normalized with ImageNet mean/std
-        assert images.mean().abs() < 2
+# --- options ---------------------------------------------------------------------------------
 
-
-# --- arguments -------------------------------------------------------------------------------
-
-def test_unknown_backend_is_a_value_error_listing_the_valid_ones(tmp_path):
+def test_unknown_backend_is_a_value_error_listing_the_valid_ones():
     with pytest.raises(ValueError, match="pytorch, dali-cpu, dali-gpu, synthetic"):
-        get_loaders("dali", tmp_path, 4)
+        LoaderOptions("dali", None, 4)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -72,10 +42,29 @@ def test_unknown_backend_is_a_value_error_listing_the_valid_ones(tmp_path):
     (dict(train=False, val=False), "neither"),
     (dict(crop_area=(0.5, 0.2)), "random crop area"),
     (dict(crop_area=(0.0, 1.0)), "random crop area"),
+    (dict(val_batch_size=0), "val_batch_size must be a positive integer"),
+    (dict(workers=-1), "workers must be a non-negative integer"),
 ])
-def test_bad_arguments_raise_data_error(kwargs, message):
+def test_bad_options_raise_data_error_when_made(kwargs, message):
     with pytest.raises(DataError, match=message):
-        get_loaders("synthetic", None, 4, device="cpu", **kwargs)
+        LoaderOptions("synthetic", None, 4, device="cpu", **kwargs)
+
+
+def test_batch_size_must_be_positive():
+    with pytest.raises(DataError, match="batch_size"):
+        LoaderOptions("synthetic", None, 0, device="cpu")
+
+
+def test_options_hold_canonical_values_and_replace_checks_again():
+    options = LoaderOptions("syntetic", "~/data", 4, memory_format="nhwc", device="cpu", crop_area=[0.35, 1.0],
+                            augmentation="none")
+    assert options.backend == "synthetic" and options.data_root == Path("~/data").expanduser()
+    assert options.memory_format is torch.channels_last and options.device == torch.device("cpu")
+    assert options.crop_area == (0.35, 1.0) and options.augmentation is None
+    assert options.batch_size_for(training=True) == options.batch_size_for(training=False) == 4
+    assert dataclasses.replace(options, val_batch_size=2).batch_size_for(training=False) == 2
+    with pytest.raises(DataError, match="rank 1 is outside"):
+        dataclasses.replace(options, rank=1)
 
 
 def test_crop_area_reaches_the_pytorch_transform():
@@ -87,7 +76,7 @@ def test_crop_area_reaches_the_pytorch_transform():
 
 def test_batch_size_must_be_positive():
     with pytest.raises(DataError, match="batch_size"):
-        get_loaders("synthetic", None, 0, device="cpu")
+        get_loaders(LoaderOptions("synthetic", None, 0, device="cpu"))
 
 
 # --- synthetic -------------------------------------------------------------------------------
@@ -95,8 +84,8 @@ def test_batch_size_must_be_positive():
 @pytest.mark.parametrize("backend", ["synthetic", "syntetic"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_synthetic_batches(backend, memory_format):
-    loaders = get_loaders(backend, None, 6, image_size=40, memory_format=memory_format, device="cpu",
-                          synthetic_batches=3, num_classes=10)
+    loaders = get_loaders(LoaderOptions(backend, None, 6, image_size=40, memory_format=memory_format, device="cpu",
+                          synthetic_batches=3, num_classes=10))
     assert loaders.backend == "synthetic" and loaders.num_classes == 10
     for loader in (loaders.train, loaders.val):
         batches = list(loader)
@@ -111,7 +100,7 @@ def test_synthetic_batches(backend, memory_format):
 
 
 def test_synthetic_needs_no_data_folder_and_can_build_val_only():
-    loaders = get_loaders("synthetic", "/no/such/folder", 2, device="cpu", train=False)
+    loaders = get_loaders(LoaderOptions("synthetic", "/no/such/folder", 2, device="cpu", train=False))
     assert loaders.train is None and len(loaders.val) == 100
 
 
@@ -133,61 +122,19 @@ def test_listing_has_imagefolders_classes_and_order(tmp_path):
 
 def test_missing_data_root(tmp_path):
     with pytest.raises(DataError, match="data folder not found: .*nowhere"):
-        get_loaders("pytorch", tmp_path / "nowhere", 4, device="cpu")
-
-
-@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
-@pytest.mark.parametrize("split", ["train", "val"])
-def test_missing_split_folder(tmp_path, backend, split):
-    make_image_folder(tmp_path / ("val" if split == "train" else "train"), {"a": 4, "b": 4})
-    with pytest.raises(DataError, match=f"{split} folder not found: {tmp_path / split}"):
-        small_loaders(backend, tmp_path)
-
-
-@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
-def test_evaluation_only_needs_no_train_folder(tmp_path, backend):
-    make_image_folder(tmp_path / "val", {"a": 3, "b": 2})
-    loaders = small_loaders(backend, tmp_path, train=False)
-    assert loaders.train is None and loaders.classes == ("a", "b")
-    assert sum(len(labels) for _, labels in loaders.val) == 5
-
-
-@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
-def test_empty_data_set(tmp_path, backend):
-    make_image_folder(tmp_path / "val", {"a": 2})
-    (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "stray.jpg.txt").write_text("")
-    with pytest.raises(DataError, match=f"empty train data set: no class folders in {tmp_path / 'train'}"):
-        small_loaders(backend, tmp_path)
-
-
-@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
-def test_class_folder_without_images(tmp_path, backend):
-    make_dataset(tmp_path, {"a": 4, "b": 4})
-    (tmp_path / "train" / "c").mkdir()
-    (tmp_path / "train" / "c" / "labels.csv").write_text("x")
-    with pytest.raises(DataError, match=f"class folder has no images: {tmp_path / 'train' / 'c'}"):
-        small_loaders(backend, tmp_path)
+        get_loaders(LoaderOptions("pytorch", tmp_path / "nowhere", 4, device="cpu"))
 
 
 def test_train_and_val_classes_must_match(tmp_path):
     make_dataset(tmp_path, {"a": 4, "b": 4}, {"a": 2, "c": 2})
     with pytest.raises(DataError, match="only in train: b; only in val: c"):
-        small_loaders("pytorch", tmp_path)
+        pytorch_loaders(tmp_path)
 
 
 def test_training_set_smaller_than_a_batch_per_rank(tmp_path):
     make_dataset(tmp_path, {"a": 3, "b": 3})
     with pytest.raises(DataError, match="training set too small: 6 images"):
-        small_loaders("pytorch", tmp_path, world_size=2, rank=1)
-
-
-@pytest.mark.parametrize("backend", FOLDER_BACKENDS)
-def test_all_images_unreadable_is_an_empty_data_set(tmp_path, backend):
-    make_image_folder(tmp_path / "train", {"a": 4})
-    write_garbage_jpeg(tmp_path / "val" / "a" / "bad.jpg")
-    with pytest.raises(DataError, match="no readable images"):
-        small_loaders(backend, tmp_path, verify_data=True)
+        pytorch_loaders(tmp_path, world_size=2, rank=1)
 
 
 # --- sharding plan ---------------------------------------------------------------------------
@@ -279,9 +226,9 @@ def test_package_imports_and_reports_missing_dali_without_it(tmp_path):
         "sys.modules['nvidia'] = None\n"
         "import dataloading\n"
         "assert not any(name.startswith('nvidia') and sys.modules[name] for name in sys.modules)\n"
-        "loaders = dataloading.get_loaders('synthetic', None, 2, device='cpu')\n"
+        "loaders = dataloading.get_loaders(dataloading.LoaderOptions('synthetic', None, 2, device='cpu'))\n"
         "try:\n"
-        f"    dataloading.get_loaders('dali-cpu', {str(tmp_path)!r}, 2, device='cpu')\n"
+        f"    dataloading.get_loaders(dataloading.LoaderOptions('dali-cpu', {str(tmp_path)!r}, 2, device='cpu'))\n"
         "except dataloading.DataError as error:\n"
         "    print(error)\n"
     )

@@ -1,14 +1,14 @@
-"""The DALI backends: `dali-cpu` on the CPU (device_id=None); GPU checks run only where CUDA is."""
+"""What only the DALI backends do: `dali-cpu` on the CPU (device_id=None); GPU checks run only where CUDA is. The
+contract every backend keeps is in test_dataloading_contract.py."""
 
 import logging
 
 import pytest
 import torch
-from torchvision.datasets import ImageFolder
 
-from dataloading import IMAGENET_STD_255, DataError, get_loaders, integrity
+from dataloading import IMAGENET_STD_255, DataError, LoaderOptions, get_loaders, integrity
 from dataloading.dali import dali_available
-from tests.data_utils import dominant_channel, make_dataset, unnormalize, write_garbage_jpeg, write_truncated_jpeg
+from tests.data_utils import dominant_channel, make_dataset, write_garbage_jpeg, write_truncated_jpeg
 
 pytestmark = pytest.mark.skipif(not dali_available(),
                                 reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120)")
@@ -21,21 +21,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an 
 def loaders_for(root, backend="dali-cpu", batch_size=4, **kwargs):
     options = dict(workers=1, image_size=IMAGE_SIZE, device="cpu", seed=3)
     options.update(kwargs)
-    return get_loaders(backend, root, batch_size, **options)
+    return get_loaders(LoaderOptions(backend, root, batch_size, **options))
 
 
 def val_images(root, backend, **kwargs):
     val = loaders_for(root, backend, train=False, **kwargs).val
     images, labels = zip(*[(images.cpu().clone(), labels.cpu()) for images, labels in val])
     return torch.cat(images), torch.cat(labels)
-
-
-def test_labels_follow_imagefolder_order_and_travel_with_their_images(colour_data):
-    loaders = loaders_for(colour_data)
-    assert list(loaders.classes) == ImageFolder(str(colour_data / "train")).classes == ["a", "b", "c"]
-    for loader in (loaders.train, loaders.val):
-        for images, labels in loader:
-            assert torch.equal(dominant_channel(images), labels)
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
@@ -58,59 +50,6 @@ def test_validation_images_agree_with_the_pytorch_backend(colour_data, interpola
     assert mismatch(dali_images.flip(1)) > 10 * tolerance  # BGR instead of RGB
     assert mismatch(dali_images * std / 255) > 10 * tolerance  # std on the wrong scale
     assert mismatch(torch.roll(dali_images, 1, dims=3)) > 3 * tolerance  # a crop one pixel off
-
-
-def test_training_drops_the_last_partial_batch_in_every_epoch(colour_data):
-    train = loaders_for(colour_data).train
-    assert len(train) == 18 // 4 and train.num_samples == 16
-    epochs = [[labels.tolist() for _, labels in train] for _ in range(3)]
-    for epoch in epochs:
-        assert len(epoch) == 4 and all(len(batch) == 4 for batch in epoch)
-    assert epochs[0] != epochs[1] != epochs[2]
-
-
-def test_validation_yields_each_image_once_in_every_pass(colour_data):
-    val = loaders_for(colour_data).val
-    reference = [label for _, label in ImageFolder(str(colour_data / "val")).samples]
-    for _ in range(2):
-        batches = [labels.tolist() for _, labels in val]
-        assert [len(batch) for batch in batches] == [4, 4, 4, 4, 2] and len(val) == 5
-        assert sum(batches, []) == reference
-
-
-def test_two_ranks_split_training_over_epochs(tmp_path):
-    make_dataset(tmp_path, {f"img{i:02d}": 1 for i in range(16)})  # a label identifies an image
-    ranks = [loaders_for(tmp_path, rank=rank, world_size=2, val=False) for rank in range(2)]
-    orders = []
-    for epoch in range(3):
-        seen = [[label for _, labels in r.train for label in labels.tolist()] for r in ranks]
-        assert len(ranks[0].train) == len(ranks[1].train) == 2
-        assert len(seen[0]) == len(seen[1]) == 8
-        assert sorted(seen[0] + seen[1]) == list(range(16))  # disjoint shards covering the set
-        orders.append(seen)
-    assert orders[0] != orders[1] != orders[2]  # reshuffled across the whole set each epoch
-
-
-def test_two_ranks_with_uneven_shards_run_the_same_number_of_steps(tmp_path):
-    make_dataset(tmp_path, {"a": 9, "b": 8}, {"a": 5, "b": 4})  # 17 training images, 9 validation
-    ranks = [loaders_for(tmp_path, rank=rank, world_size=2) for rank in range(2)]
-    for _ in range(2):
-        steps = [[len(labels) for _, labels in r.train] for r in ranks]
-        assert steps == [[4, 4], [4, 4]]  # shards of 8 and 9 padded to 9, remainder dropped
-    val = [[labels.tolist() for _, labels in r.val] for r in ranks]
-    assert [len(batch) for batch in val[0]] == [3, 1]  # 4 images in the 2 batches every rank runs
-    assert [len(batch) for batch in val[1]] == [4, 1]
-    assert sorted(sum(val[0] + val[1], [])) == [0] * 5 + [1] * 4  # each image counted once
-
-
-def test_autoaugment_runs_on_the_cpu(colour_data):
-    train = loaders_for(colour_data, augmentation="autoaugment").train
-    batches = [(images.clone(), labels) for images, labels in train]
-    assert len(batches) == 4
-    for images, labels in batches:
-        assert images.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE) and torch.isfinite(images).all()
-        pixels = unnormalize(images)
-        assert pixels.min() >= -0.5 and pixels.max() <= 255.5
 
 
 def test_unreadable_images_are_skipped_with_a_warning(tmp_path, caplog):

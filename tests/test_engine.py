@@ -144,9 +144,10 @@ def test_evaluate_a_release_format_checkpoint_without_dynamic(data_root, tmp_pat
     assert epochs and epochs[0]["data"]["val.images"] == 15
     assert not list(workspace.glob("*.pth.tar"))  # --evaluate never writes a checkpoint
     # the same weights evaluated directly, on the validation loader's images, give the same top-1, top-5 and loss
-    from dataloading import get_loaders
+    from dataloading import LoaderOptions, get_loaders
 
-    loaders = get_loaders("pytorch", str(data_root), 4, workers=0, image_size=32, device="cpu", train=False)
+    loaders = get_loaders(LoaderOptions("pytorch", str(data_root), 4, workers=0, image_size=32, device="cpu",
+                                        train=False))
     model.eval()
     logits, labels = [], []
     with torch.no_grad():

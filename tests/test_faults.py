@@ -25,7 +25,7 @@ import checkpoint2model
 import classify
 import export_onnx
 import main as cli
-from dataloading import DataError, get_loaders, integrity, list_image_folder
+from dataloading import DataError, LoaderOptions, get_loaders, integrity, list_image_folder
 from dataloading.dali import dali_available
 from image_classification import checkpoints
 from image_classification.dllog import Report, read_report
@@ -242,8 +242,8 @@ def test_4_every_backend_skips_a_decompression_bomb(tmp_path, backend, caplog):
     root = make_dataset(tmp_path / "data", {"a": 4, "b": 4}, size_range=(36, 40))
     bomb = write_jpeg_bomb(root / "val" / "a" / "a_bomb.jpg")
     with caplog.at_level(logging.WARNING):
-        val = get_loaders(backend, root, 4, workers=0 if backend == "pytorch" else 1, image_size=32, device="cpu",
-                          train=False).val
+        val = get_loaders(LoaderOptions(backend, root, 4, workers=0 if backend == "pytorch" else 1, image_size=32,
+                                        device="cpu", train=False)).val
         images = sum(len(labels) for _, labels in val)
     assert images == 8  # the bomb is neither decoded nor counted
     assert any(str(bomb) in record.getMessage() for record in caplog.records)
@@ -277,7 +277,7 @@ def test_5_a_dali_decode_failure_names_the_file_and_the_next_run_skips_it(tmp_pa
 def test_5_a_decode_failure_dali_does_not_name_is_found_with_pil(tmp_path):
     root = make_dataset(tmp_path / "data", {"a": 4, "b": 4}, size_range=(36, 40))
     bad = write_undecodable_jpeg(root / "train" / "b" / "b_0001.jpg")
-    train = get_loaders("dali-cpu", root, 4, workers=1, image_size=32, device="cpu", val=False).train
+    train = get_loaders(LoaderOptions("dali-cpu", root, 4, workers=1, image_size=32, device="cpu", val=False)).train
     error = RuntimeError("Critical error in pipeline:\nError in CPU operator "
                          "`nvidia.dali.fn.decoders.image_random_crop`\nencountered:\n\nnvImageCodec failure: '#3'\n"
                          "Current pipeline object is no longer valid.")

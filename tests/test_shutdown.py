@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import main as cli
-from dataloading import get_loaders
+from dataloading import LoaderOptions, get_loaders
 from dataloading.factory import Loaders
 from image_classification import distributed, runner
 
@@ -66,7 +66,7 @@ def test_a_training_run_closes_the_loaders_it_built(monkeypatch, tmp_path):
 
 
 def test_closing_a_pytorch_loader_stops_the_workers_of_an_unfinished_pass(colour_data):
-    loaders = get_loaders("pytorch", colour_data, 2, workers=1, image_size=32, device="cpu", val=False)
+    loaders = get_loaders(LoaderOptions("pytorch", colour_data, 2, workers=1, image_size=32, device="cpu", val=False))
     batches = iter(loaders.train)
     next(batches)  # a pass left unfinished, as --prof leaves it
     assert multiprocessing.active_children(), "the pass should run a worker process"

@@ -56,9 +56,10 @@ def classify_json(argv, capsys):
 
 
 def val_batch(root):
-    from dataloading import get_loaders
+    from dataloading import LoaderOptions, get_loaders
 
-    loaders = get_loaders("pytorch", str(root), 12, workers=0, image_size=32, device="cpu", train=False)
+    loaders = get_loaders(LoaderOptions("pytorch", str(root), 12, workers=0, image_size=32, device="cpu",
+                                        train=False))
     return next(iter(loaders.val))[0]
 
 
