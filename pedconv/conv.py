@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import autotune
-from .functional import (_memory_format_of, _pair, check_method, check_triton_groups, global_avg_pool, layer_spec,
-                         method_path, pedconv2d)
+from .functional import check_method, check_triton_groups, global_avg_pool, layer_spec, method_path, pedconv2d
+from .paths.common import memory_format_of, pair
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -124,9 +124,9 @@ class PEDConv2d(nn.Module):
             raise ValueError(f"PEDConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.dilation = _pair(dilation)
+        self.kernel_size = pair(kernel_size)
+        self.stride = pair(stride)
+        self.dilation = pair(dilation)
         self.padding = self._resolve_padding(padding)
         self.groups = groups
         self.reduction = reduction
@@ -154,7 +154,7 @@ class PEDConv2d(nn.Module):
             return (spans[0] // 2, spans[1] // 2)
         if isinstance(padding, str):
             raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
-        return _pair(padding)
+        return pair(padding)
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
@@ -213,7 +213,7 @@ class PEDConv2d(nn.Module):
         if self.method != "auto":
             return method_path(self.method, x.device.type, self.kernel_size, self.groups, self.padding)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        layer = layer_spec(x.shape, x.device, dtype, _memory_format_of(x) == torch.channels_last, self.weight.shape,
+        layer = layer_spec(x.shape, x.device, dtype, memory_format_of(x) == torch.channels_last, self.weight.shape,
                            self.rank, self.stride, self.padding, self.dilation, self.groups, (training,) * 5)
         decision = autotune.lookup(layer)
         if decision is None or not autotune.is_autotune_enabled() or torch.are_deterministic_algorithms_enabled():

@@ -180,7 +180,7 @@ def test_measuring_off_runs_the_fixed_rule(measuring, monkeypatch, switch):
         for k, stride, cin, cout, size in SHAPES:
             layer, x = layer_and_input(k, stride, cin, cout, size)
             out_size = functional.conv_output_size((size, size), (k, k), (stride,) * 2, (k // 2,) * 2, (1, 1))
-            fixed = functional.method_path(functional.choose_method(6, cin, cout, (k, k), 1, out_size), "cpu",
+            fixed = functional.method_path(functional.choose_method(cin, cout, (k, k), 1, out_size), "cpu",
                                            (k, k), 1, (k // 2,) * 2)
             table = PEDConv2d(cin, cout, k, stride, k // 2, reduction=4, noise_std=0.0, method=fixed)
             table.load_state_dict(layer.state_dict())

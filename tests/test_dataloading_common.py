@@ -74,11 +74,6 @@ def test_crop_area_reaches_the_pytorch_transform():
     assert train_transform(32, "bilinear", None, (0.35, 1.0)).transforms[0].scale == (0.35, 1.0)
 
 
-def test_batch_size_must_be_positive():
-    with pytest.raises(DataError, match="batch_size"):
-        get_loaders(LoaderOptions("synthetic", None, 0, device="cpu"))
-
-
 # --- synthetic -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["synthetic", "syntetic"])

@@ -10,7 +10,9 @@ import torch.nn as nn
 
 import pedconv
 from pedconv import PEDConv2d, info_max_loss
-from pedconv.functional import modulation
+from pedconv.paths.common import conv_output_size, pair
+from pedconv.paths.reference import modulation
+from pedconv.paths import unfold as unfold_path
 
 # (in, out, kernel, stride, padding, dilation, groups, size, batch, rank, channels_last)
 CONFIGS = {
@@ -92,18 +94,17 @@ def test_fast_paths_equal_reference_forward_and_gradients(name, method):
 
 @pytest.mark.parametrize("name", ["3x3", "stride2", "dilation", "padding0", "rank3", "channels-last", "5x3"])
 def test_unfold_path_in_chunks_of_samples_equals_reference(name, monkeypatch):
-    """On the CPU the unfold path takes the batch in chunks of samples (pedconv.functional.COLUMN_CHUNK_BYTES of
+    """On the CPU the unfold path takes the batch in chunks of samples (pedconv.paths.unfold.COLUMN_CHUNK_BYTES of
     unfolded columns): one sample per chunk and two (a short last chunk) give the reference's output and gradients."""
     cfg = CONFIGS[name]
     x = make_input(cfg)
     out_ref, grads_ref = forward_backward(make_layer(cfg, "reference").train(), x)
     cin, _, k, s, p, d, _, size = cfg[:8]
-    kernel = pedconv.functional._pair(k)
-    out_h, out_w = pedconv.functional.conv_output_size(
-        (size, size), kernel, pedconv.functional._pair(s), pedconv.functional._pair(p), pedconv.functional._pair(d))
+    kernel = pair(k)
+    out_h, out_w = conv_output_size((size, size), kernel, pair(s), pair(p), pair(d))
     bytes_per_sample = out_h * out_w * kernel[0] * kernel[1] * cin * 4
     for samples in (1, 2):
-        monkeypatch.setattr(pedconv.functional, "COLUMN_CHUNK_BYTES", samples * bytes_per_sample)
+        monkeypatch.setattr(unfold_path, "COLUMN_CHUNK_BYTES", samples * bytes_per_sample)
         out_fast, grads_fast = forward_backward(make_layer(cfg, "unfold").train(), x)
         assert_close(out_fast, out_ref, f"output, {samples} sample(s) per chunk")
         for key in grads_ref:
