@@ -7,10 +7,12 @@ import torch
 
 import checkpoint2model
 import launch
+import main as cli
 from image_classification import checkpoints, efficientnet
 from image_classification.models import build_model, dynamic_layers, last_batchnorms
 from image_classification.summary import summarize
 from pedconv import PEDConv2d
+from tests.data_utils import make_dataset
 from tests.model_utils import calibrate_batchnorms, meta_model
 from tests.nvidia_layout import (nvidia_efficientnet_forward, nvidia_efficientnet_shapes, random_state)
 
@@ -177,3 +179,20 @@ def test_nvidias_recipe_reaches_main(arch, lr, weight_decay, size, batch):
                     interpolation="bicubic", augmentation="autoaugment", label_smoothing=0.1, mixup=0.2, warmup=16,
                     epochs=400, lr_schedule="cosine", memory_format="nhwc", amp=True, model_config=None)
     assert {key: getattr(args, key) for key in expected} == expected
+
+
+def test_cpu_recipe_trains_an_epoch_and_its_weights_start_a_pedconv_run(tmp_path):
+    data = make_dataset(tmp_path / "data", {"a": 6, "b": 6}, {"a": 2, "b": 2}, size_range=(36, 44))
+    narrowed = ["--epochs", "1", "-b", "4", "--image-size", "32", "--wmul", "0.25", "-j", "0", "--seed", "1"]
+    recipe = ["--model", "efficientnet-b0", "--precision", "FP32", "--mode", "convergence", "--platform", "CPU",
+              str(data), "--workspace", str(tmp_path / "static"), "--num-classes", "2", *narrowed]
+    assert launch.main(recipe) == 0  # RMSprop, mixup, label smoothing, AutoAugment, bicubic, NVIDIA's init
+    static = checkpoints.load_checkpoint(tmp_path / "static" / "checkpoint.pth.tar")
+    assert static.arch == {"name": "efficientnet-b0", "dynamic": False, "wmul": 0.25, "num_classes": 2}
+    assert "square_avg" in next(iter(static.optimizer["state"].values()))  # RMSprop's state
+    finetuned = [str(data), "--data-backend", "pytorch", "--arch", "efficientnet-b0", "--dynamic", *narrowed,
+                 "--device", "cpu", "--workspace", str(tmp_path / "dynamic"),
+                 "--pretrained-from-file", str(tmp_path / "static" / "checkpoint.pth.tar")]
+    assert cli.main(finetuned) == 0
+    dynamic = checkpoints.load_checkpoint(tmp_path / "dynamic" / "checkpoint.pth.tar")
+    assert dynamic.arch["dynamic"] and isinstance(dynamic.build_model().layer2.block0.depsep.conv, PEDConv2d)
