@@ -364,7 +364,13 @@ _LAYOUTS = {
     "resnext101-32x4d": Layout(Bottleneck, (3, 4, 23, 3), False, RESNEXT_WIDTHS, 2, 32),
     "se-resnext101-32x4d": Layout(Bottleneck, (3, 4, 23, 3), False, RESNEXT_WIDTHS, 2, 32, True),
 }
-_OTHER_FAMILIES = ("mobilenet_v2", *efficientnet.VARIANTS)
+# The families built as a static model first, then converted by their placement rule: name -> (static model from
+# (name, num_classes, wmul), the family's pedconv.convert call).
+_CONVERTED_FAMILIES = {
+    "mobilenet_v2": (lambda name, num_classes, wmul: mobilenet.MobileNetV2(num_classes, wmul), mobilenet.to_pedconv),
+    **{name: (efficientnet.EfficientNet, efficientnet.to_pedconv) for name in efficientnet.VARIANTS},
+}
+_OTHER_FAMILIES = tuple(_CONVERTED_FAMILIES)
 ARCHITECTURES = choices.ARCHITECTURES
 
 
@@ -377,31 +383,17 @@ def layout(name: str) -> Layout:
     return _LAYOUTS[name]
 
 
-def build_mobilenet_v2(dynamic: bool = False, num_classes: int = 1000, wmul: float = 1.0,
-                       config: Optional[str] = None, zero_init_last_bn: bool = False,
-                       **pedconv_kwargs) -> nn.Module:
-    """torchvision's MobileNetV2; with ``dynamic`` its block convs become PEDConv (see
-    :mod:`image_classification.mobilenet`), then every parameter is set by ``config`` (:func:`initialize`)."""
+def build_converted(name: str, dynamic: bool = False, num_classes: int = 1000, wmul: float = 1.0,
+                    config: Optional[str] = None, zero_init_last_bn: bool = False, **pedconv_kwargs) -> nn.Module:
+    """torchvision's MobileNetV2 or one of NVIDIA's EfficientNets; with ``dynamic`` its block convs become PEDConv
+    (the rule of :mod:`image_classification.mobilenet` / :mod:`image_classification.efficientnet`), then every
+    parameter is set by ``config`` (:func:`initialize`; None: :func:`default_config`)."""
     if pedconv_kwargs and not dynamic:
         raise UserError(f"PEDConv options {sorted(pedconv_kwargs)} need dynamic=True")
-    model = mobilenet.MobileNetV2(num_classes, wmul)
+    static, to_pedconv = _CONVERTED_FAMILIES[name]
+    model = static(name, num_classes, wmul)
     if dynamic:
-        mobilenet.to_pedconv(model, **pedconv_kwargs)
-    model.arch = {"name": "mobilenet_v2", "dynamic": bool(dynamic), "wmul": float(wmul),
-                  "num_classes": int(num_classes)}
-    return initialize(model, config or default_config(dynamic), zero_init_last_bn)
-
-
-def build_efficientnet(name: str, dynamic: bool = False, num_classes: int = 1000, wmul: float = 1.0,
-                       config: Optional[str] = None, zero_init_last_bn: bool = False, **pedconv_kwargs) -> nn.Module:
-    """NVIDIA's EfficientNet ``name``; with ``dynamic`` its block convs become PEDConv (see
-    :mod:`image_classification.efficientnet`), then every parameter is set by ``config`` (:func:`initialize`;
-    default: :func:`default_config`, NVIDIA's own initialization for the static models)."""
-    if pedconv_kwargs and not dynamic:
-        raise UserError(f"PEDConv options {sorted(pedconv_kwargs)} need dynamic=True")
-    model = efficientnet.EfficientNet(name, num_classes, wmul)
-    if dynamic:
-        efficientnet.to_pedconv(model, **pedconv_kwargs)
+        to_pedconv(model, **pedconv_kwargs)
     model.arch = {"name": name, "dynamic": bool(dynamic), "wmul": float(wmul), "num_classes": int(num_classes)}
     return initialize(model, config or default_config(dynamic, name), zero_init_last_bn)
 
@@ -410,10 +402,8 @@ def build_model(arch: str, dynamic: bool = False, num_classes: int = 1000, wmul:
                 **kwargs) -> nn.Module:
     """The architecture ``arch`` (one of ``ARCHITECTURES``); ``kwargs`` as :class:`ResNet`'s (``config``,
     ``zero_init_last_bn`` and PEDConv's options for every family)."""
-    if arch == "mobilenet_v2":
-        return build_mobilenet_v2(dynamic, num_classes, wmul, **kwargs)
-    if arch in efficientnet.VARIANTS:
-        return build_efficientnet(arch, dynamic, num_classes, wmul, **kwargs)
+    if arch in _CONVERTED_FAMILIES:
+        return build_converted(arch, dynamic, num_classes, wmul, **kwargs)
     spec = layout(arch)
     return ResNet(spec.block, spec.layers, num_classes, wmul, dynamic, spec.deep_stem, name=arch,
                   base_widths=spec.base_widths, expansion=spec.expansion, groups=spec.groups, se=spec.se, **kwargs)
