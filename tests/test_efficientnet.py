@@ -10,6 +10,7 @@ import launch
 import main as cli
 from image_classification import checkpoints, efficientnet
 from image_classification.models import build_model, dynamic_layers, last_batchnorms
+from image_classification.optim import build_optimizer
 from image_classification.summary import summarize
 from pedconv import PEDConv2d
 from tests.data_utils import make_dataset
@@ -196,3 +197,26 @@ def test_cpu_recipe_trains_an_epoch_and_its_weights_start_a_pedconv_run(tmp_path
     assert cli.main(finetuned) == 0
     dynamic = checkpoints.load_checkpoint(tmp_path / "dynamic" / "checkpoint.pth.tar")
     assert dynamic.arch["dynamic"] and isinstance(dynamic.build_model().layer2.block0.depsep.conv, PEDConv2d)
+
+
+def test_their_rmsprop_state_resumes_into_ours(tmp_path):
+    arch = "efficientnet-b0"
+    state = random_state(nvidia_efficientnet_shapes(arch, num_classes=10), seed=4)
+    names = [key for key in state if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    params = {name: state[name].clone().requires_grad_(True) for name in names}
+    # their get_rmsprop_optimizer: names with "bn" (no weight decay), then the others
+    theirs = torch.optim.RMSprop([{"params": [params[n] for n in names if "bn" in n], "weight_decay": 0},
+                                  {"params": [params[n] for n in names if "bn" not in n]}],
+                                 lr=0.08, alpha=0.9, eps=0.01, momentum=0.9, weight_decay=1e-5)
+    for param in params.values():
+        param.grad = torch.randn_like(param)
+    theirs.step()
+    path = tmp_path / "nvidia.pth.tar"
+    torch.save({"epoch": 2, "arch": arch, "state_dict": {f"module.{k}": v for k, v in state.items()},
+                "best_prec1": 1.0, "optimizer": theirs.state_dict()}, path)
+    checkpoint = checkpoints.load_checkpoint(path)
+    model = checkpoint.build_model()
+    ours = build_optimizer(model, "rmsprop", 0.08, 0.9, 1e-5, rmsprop_alpha=0.9, rmsprop_eps=0.01)
+    assert checkpoints.load_foreign_optimizer_state(ours, model, checkpoint) == len(names)
+    square_avg = ours.state[model.layer6.block3.se.expand.weight]["square_avg"]
+    assert torch.equal(square_avg, theirs.state[params["layers.5.block3.se.expand.weight"]]["square_avg"])
