@@ -11,7 +11,7 @@ and ``tests/test_choices.py`` asserts that the two agree.
 """
 
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50d", "resnext101-32x4d",
-                 "se-resnext101-32x4d", "mobilenet_v2")
+                 "se-resnext101-32x4d", "mobilenet_v2", "efficientnet-b0", "efficientnet-b4")
 
 DATA_BACKENDS = ("pytorch", "dali-cpu", "dali-gpu", "synthetic")
 # Spellings accepted for compatibility with older DLE command lines.

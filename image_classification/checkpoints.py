@@ -25,7 +25,7 @@ their optimizer state is matched to this project's parameters by :func:`load_for
 A checkpoint's architecture is taken from its keys and shapes (:func:`infer_arch`): PEDConv layers are recognized
 by their ``attn.fc_share`` weights, so a PEDConv checkpoint builds a PEDConv model without being told; the depth
 from the blocks per stage, the width multiplier from the block widths, the classes from ``fc.weight``
-(MobileNetV2: ``classifier.1.weight``); see :func:`infer_arch`.
+(MobileNetV2: ``classifier.1.weight``, EfficientNet: ``classifier.fc.weight``); see :func:`infer_arch`.
 
 Every failure is a :class:`CheckpointError` (a ValueError) with a short message: one line for a missing,
 unreadable or refused file, a few lines (truncated lists) for keys or shapes that do not fit the model.
@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from errors import UserError
 
-from . import mobilenet
+from . import efficientnet, mobilenet
 from .models import ARCHITECTURES, BasicBlock, Bottleneck, _LAYOUTS, build_model, stage_widths
 
 PREFIXES = ("module.", "_orig_mod.")
@@ -169,9 +169,10 @@ NVIDIA_STAGE = re.compile(r"^layers\.(\d+)\.")
 
 
 def from_nvidia_names(state_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """NVIDIA DLE's ResNet keys (``layers.<stage>.<block>.*``, stages from 0) in torchvision's names
-    (``layer<stage + 1>.<block>.*``); any other state_dict is returned as it is. The rest of their ResNet-50 layout
-    (``conv1``, ``bn1``, blocks' ``conv1..3``/``bn1..3``, ``downsample.0/.1``, ``fc``) is torchvision's already."""
+    """NVIDIA DLE's ResNet and EfficientNet keys (``layers.<stage>.<block>.*``, stages from 0) in this project's
+    names (``layer<stage + 1>.<block>.*``); any other state_dict is returned as it is. The rest of their ResNet-50
+    layout (``conv1``, ``bn1``, blocks' ``conv1..3``/``bn1..3``, ``downsample.0/.1``, ``fc``) is torchvision's
+    already, and the rest of their EfficientNets' (``stem``, ``block<j>.expand``...) is this project's."""
     if not any(NVIDIA_STAGE.match(key) for key in state_dict) or any(key.startswith("layer1.") for key in state_dict):
         return state_dict
     return {NVIDIA_STAGE.sub(lambda m: f"layer{int(m.group(1)) + 1}.", key): value for key, value in state_dict.items()}
@@ -234,7 +235,7 @@ def is_pedconv_state(state_dict: Dict[str, Any]) -> bool:
     return any(key.endswith(PEDCONV_KEY) for key in state_dict)
 
 
-CLASSIFIER_KEYS = ("fc.weight", "classifier.1.weight")  # ResNets', MobileNetV2's
+CLASSIFIER_KEYS = ("fc.weight", "classifier.1.weight", "classifier.fc.weight")  # ResNet, MobileNetV2, EfficientNet
 
 
 def infer_arch(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
@@ -243,7 +244,8 @@ def infer_arch(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     ``name`` and ``wmul`` are None when the keys match none of ``ARCHITECTURES`` (or widths no multiplier gives);
     ``num_classes`` is None without classifier weights (``fc.weight``, MobileNetV2's ``classifier.1.weight``).
     ResNet and ResNeXt of the same depth differ by the groups of their 3x3 convs (``conv2``), SE-ResNeXt has
-    ``squeeze`` layers; MobileNetV2 is told by its ``features.*`` and ``classifier.1`` keys.
+    ``squeeze`` layers; MobileNetV2 is told by its ``features.*`` and ``classifier.1`` keys, NVIDIA's
+    EfficientNets by ``stem.conv`` and ``classifier.fc`` and their blocks per stage.
     """
     state = strip_prefixes(state_dict)
     fc = next((state[key] for key in CLASSIFIER_KEYS if key in state), None)
@@ -252,6 +254,10 @@ def infer_arch(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     if "features.0.0.weight" in state and "classifier.1.weight" in state:
         arch["name"] = "mobilenet_v2"
         arch["wmul"] = mobilenet.infer_wmul(state)
+        return arch
+    found = efficientnet.infer_variant(state)
+    if found is not None:
+        arch["name"], arch["wmul"] = found
         return arch
     blocks = [0, 0, 0, 0]
     for key in state:

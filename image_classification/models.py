@@ -23,7 +23,9 @@ se-resnext  as resnext    3, 4, 23, 3       NVIDIA's: as resnext101-32x4d plus t
 ==========  ============  ================  =====================================================================
 
 ``mobilenet_v2`` is torchvision's MobileNetV2 (:mod:`image_classification.mobilenet`, which states its PEDConv
-placement and width rule); :func:`build_model` builds it too, with the same ``config``/``zero_init_last_bn``.
+placement and width rule); ``efficientnet-b0`` and ``efficientnet-b4`` are NVIDIA's EfficientNets
+(:mod:`image_classification.efficientnet`, likewise); :func:`build_model` builds them too, with the same
+``config``/``zero_init_last_bn`` (the static EfficientNets default to NVIDIA's initialization, ``fanin``).
 
 Module names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0``, ``fc``...), so
 static models load torchvision's ResNet weights, and ``dynamic=True`` models load the release's checkpoints
@@ -52,7 +54,8 @@ Initialization (``config``, the CLI's ``-c/--model-config``; see ``MODEL_CONFIGS
   (gate generators, info-max decoders and the classifier) N(0, 0.01^2) with zero bias; every BatchNorm weight 0.5,
   bias 0.
 
-The default is ``release`` for dynamic models and ``classic`` for static ones. ``zero_init_last_bn=True`` also sets
+The default is ``release`` for dynamic models and ``classic`` for static ones (``fanin``, NVIDIA's, for the
+static EfficientNets). ``zero_init_last_bn=True`` also sets
 the weight of each block's last BatchNorm (bn2 of a basic block, bn3 of a bottleneck) to 0 (DLE's
 ``last_bn_0_init``), under any config. ``grp-*`` are the DLE names for grouped-conv models; ResNets have no grouped
 convs, so they equal ``fanin``/``classic``.
@@ -71,7 +74,8 @@ from pedconv import PEDConv2d
 import choices
 from errors import UserError
 
-from . import mobilenet
+from . import efficientnet, mobilenet
+from .squeeze import SqueezeExcitation
 
 ConvFactory = Callable[..., nn.Module]
 
@@ -105,9 +109,12 @@ MODEL_CONFIGS: Dict[str, ModelConfig] = {
 }
 
 
-def default_config(dynamic: bool) -> str:
-    """The config a model gets when none is named: the release's for PEDConv models, ``classic`` otherwise."""
-    return "release" if dynamic else "classic"
+def default_config(dynamic: bool, arch: Optional[str] = None) -> str:
+    """The config a model gets when none is named: the release's for PEDConv models, otherwise ``classic``, except
+    for NVIDIA's EfficientNets, which get theirs (``fanin``)."""
+    if dynamic:
+        return "release"
+    return "fanin" if arch in efficientnet.VARIANTS else "classic"
 
 
 def get_config(name: str) -> ModelConfig:
@@ -117,9 +124,9 @@ def get_config(name: str) -> ModelConfig:
 
 
 def last_batchnorms(model: nn.Module) -> List[nn.BatchNorm2d]:
-    """The last BatchNorm of every residual block (the one before the addition; MobileNetV2's blocks without an
-    addition have none)."""
-    blocks = (BasicBlock, Bottleneck, mobilenet.InvertedResidual)
+    """The last BatchNorm of every residual block (the one before the addition; MobileNetV2's and EfficientNet's
+    blocks without an addition have none)."""
+    blocks = (BasicBlock, Bottleneck, mobilenet.InvertedResidual, efficientnet.MBConv)
     return [block.last_bn for block in model.modules() if isinstance(block, blocks) and block.last_bn is not None]
 
 
@@ -191,23 +198,6 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         out += identity
         return self.relu(out)
-
-
-class SqueezeExcitation(nn.Module):
-    """NVIDIA's squeeze-and-excitation: global mean, Linear to ``squeeze`` features, ReLU, Linear back, sigmoid;
-    their names (``squeeze``, ``expand``). The squeeze width is a fixed number of features (NVIDIA's
-    ``se_squeeze=16``), not a reduction ratio."""
-
-    def __init__(self, channels: int, squeeze: int = 16) -> None:
-        super().__init__()
-        self.squeeze = nn.Linear(channels, squeeze)
-        self.expand = nn.Linear(squeeze, channels)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The (B, C, 1, 1) channel weights of ``x``."""
-        weights = torch.sigmoid(self.expand(self.relu(self.squeeze(x.mean((2, 3))))))
-        return weights[:, :, None, None]
 
 
 class Bottleneck(nn.Module):
@@ -374,7 +364,13 @@ _LAYOUTS = {
     "resnext101-32x4d": Layout(Bottleneck, (3, 4, 23, 3), False, RESNEXT_WIDTHS, 2, 32),
     "se-resnext101-32x4d": Layout(Bottleneck, (3, 4, 23, 3), False, RESNEXT_WIDTHS, 2, 32, True),
 }
-_OTHER_FAMILIES = ("mobilenet_v2",)
+# The families built as a static model first, then converted by their placement rule: name -> (static model from
+# (name, num_classes, wmul), the family's pedconv.convert call).
+_CONVERTED_FAMILIES = {
+    "mobilenet_v2": (lambda name, num_classes, wmul: mobilenet.MobileNetV2(num_classes, wmul), mobilenet.to_pedconv),
+    **{name: (efficientnet.EfficientNet, efficientnet.to_pedconv) for name in efficientnet.VARIANTS},
+}
+_OTHER_FAMILIES = tuple(_CONVERTED_FAMILIES)
 ARCHITECTURES = choices.ARCHITECTURES
 
 
@@ -387,27 +383,27 @@ def layout(name: str) -> Layout:
     return _LAYOUTS[name]
 
 
-def build_mobilenet_v2(dynamic: bool = False, num_classes: int = 1000, wmul: float = 1.0,
-                       config: Optional[str] = None, zero_init_last_bn: bool = False,
-                       **pedconv_kwargs) -> nn.Module:
-    """torchvision's MobileNetV2; with ``dynamic`` its block convs become PEDConv (see
-    :mod:`image_classification.mobilenet`), then every parameter is set by ``config`` (:func:`initialize`)."""
+def build_converted(name: str, dynamic: bool = False, num_classes: int = 1000, wmul: float = 1.0,
+                    config: Optional[str] = None, zero_init_last_bn: bool = False, **pedconv_kwargs) -> nn.Module:
+    """torchvision's MobileNetV2 or one of NVIDIA's EfficientNets; with ``dynamic`` its block convs become PEDConv
+    (the rule of :mod:`image_classification.mobilenet` / :mod:`image_classification.efficientnet`), then every
+    parameter is set by ``config`` (:func:`initialize`; None: :func:`default_config`)."""
     if pedconv_kwargs and not dynamic:
         raise UserError(f"PEDConv options {sorted(pedconv_kwargs)} need dynamic=True")
-    model = mobilenet.MobileNetV2(num_classes, wmul)
+    static, to_pedconv = _CONVERTED_FAMILIES[name]
+    model = static(name, num_classes, wmul)
     if dynamic:
-        mobilenet.to_pedconv(model, **pedconv_kwargs)
-    model.arch = {"name": "mobilenet_v2", "dynamic": bool(dynamic), "wmul": float(wmul),
-                  "num_classes": int(num_classes)}
-    return initialize(model, config or default_config(dynamic), zero_init_last_bn)
+        to_pedconv(model, **pedconv_kwargs)
+    model.arch = {"name": name, "dynamic": bool(dynamic), "wmul": float(wmul), "num_classes": int(num_classes)}
+    return initialize(model, config or default_config(dynamic, name), zero_init_last_bn)
 
 
 def build_model(arch: str, dynamic: bool = False, num_classes: int = 1000, wmul: float = 1.0,
                 **kwargs) -> nn.Module:
     """The architecture ``arch`` (one of ``ARCHITECTURES``); ``kwargs`` as :class:`ResNet`'s (``config``,
     ``zero_init_last_bn`` and PEDConv's options for every family)."""
-    if arch == "mobilenet_v2":
-        return build_mobilenet_v2(dynamic, num_classes, wmul, **kwargs)
+    if arch in _CONVERTED_FAMILIES:
+        return build_converted(arch, dynamic, num_classes, wmul, **kwargs)
     spec = layout(arch)
     return ResNet(spec.block, spec.layers, num_classes, wmul, dynamic, spec.deep_stem, name=arch,
                   base_widths=spec.base_widths, expansion=spec.expansion, groups=spec.groups, se=spec.se, **kwargs)
@@ -434,6 +430,8 @@ resnet50d = _builder("resnet50d")
 resnext101_32x4d = _builder("resnext101-32x4d")
 se_resnext101_32x4d = _builder("se-resnext101-32x4d")
 mobilenet_v2 = _builder("mobilenet_v2")
+efficientnet_b0 = _builder("efficientnet-b0")
+efficientnet_b4 = _builder("efficientnet-b4")
 
 
 def dynamic_layers(model: nn.Module) -> List[PEDConv2d]:

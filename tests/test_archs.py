@@ -12,11 +12,13 @@ from image_classification.models import build_model, dynamic_layers, last_batchn
 from image_classification.summary import summarize
 from pedconv import PEDConv2d
 from tests.data_utils import make_dataset
-from tests.model_utils import meta_model
+from tests.model_utils import calibrate_batchnorms, meta_model
 from tests.nvidia_layout import RESNEXT101, nvidia_resnet_shapes
 
 NEW_ARCHS = ("mobilenet_v2", "resnext101-32x4d", "se-resnext101-32x4d")
-TINY = {"mobilenet_v2": 0.25, "resnext101-32x4d": 0.05, "se-resnext101-32x4d": 0.05}  # wmul of the tiny models
+TINY = {"mobilenet_v2": 0.25, "resnext101-32x4d": 0.05, "se-resnext101-32x4d": 0.05,  # wmul of the tiny models
+        "efficientnet-b0": 0.25, "efficientnet-b4": 0.25}
+EFFICIENTNETS = ("efficientnet-b0", "efficientnet-b4")  # more in tests/test_efficientnet.py
 
 
 @pytest.mark.parametrize("wmul", [1.0, 0.35, 1.4])
@@ -93,7 +95,7 @@ def test_tiny_models_train_one_step_and_pedconv_matches_the_reference_path(arch,
             torch.testing.assert_close(model(x), fast, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", NEW_ARCHS)
+@pytest.mark.parametrize("arch", NEW_ARCHS + EFFICIENTNETS)
 def test_checkpoint_round_trip_infers_the_architecture(arch, tmp_path):
     torch.manual_seed(0)
     model = build_model(arch, dynamic=True, num_classes=5, wmul=TINY[arch]).eval()
@@ -160,7 +162,8 @@ def _nvidia_names(state):
             for key, value in state.items()}
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v2", "se-resnext101-32x4d"])  # SE-ResNeXt covers ResNeXt's blocks
+# SE-ResNeXt covers ResNeXt's blocks; EfficientNet-B0 NVIDIA's layers.N names and depthwise 5x5 convs
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "se-resnext101-32x4d", "efficientnet-b0"])
 def test_pedconv_checkpoint_converts_and_exports_to_onnx_with_a_dynamic_batch(arch, tmp_path, capsys):
     import onnx
 
@@ -173,8 +176,9 @@ def test_pedconv_checkpoint_converts_and_exports_to_onnx_with_a_dynamic_batch(ar
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and ".attn." in f".{name}":
                 module.weight.normal_(0, 0.1)
-        classifier = model.fc if hasattr(model, "fc") else model.classifier[1]
+        classifier = model.fc if hasattr(model, "fc") else model.classifier[-1]
         classifier.weight.normal_(0, 1.0)
+    calibrate_batchnorms(model, 32)
     state = _nvidia_names(model.state_dict()) if arch != "mobilenet_v2" else model.state_dict()
     source, weights, out = tmp_path / "nvidia.pth.tar", tmp_path / "weights.pth", tmp_path / "model.onnx"
     torch.save({"epoch": 3, "arch": arch, "state_dict": state, "best_prec1": 1.0, "optimizer": None}, source)

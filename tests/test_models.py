@@ -116,7 +116,8 @@ def test_width_multiplier_follows_the_releases_rules():
 
 def test_lookup_by_name_and_unknown_names():
     assert set(ARCHITECTURES) == {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50d",
-                                  "resnext101-32x4d", "se-resnext101-32x4d", "mobilenet_v2"}
+                                  "resnext101-32x4d", "se-resnext101-32x4d", "mobilenet_v2", "efficientnet-b0",
+                                  "efficientnet-b4"}
     for name in ARCHITECTURES:
         assert getattr(models, name.replace("-", "_")).__name__ == name.replace("-", "_")
     model = models.resnet18(dynamic=True, num_classes=10, wmul=0.25, rank=2, method="unfold")

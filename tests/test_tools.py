@@ -255,4 +255,4 @@ def test_a_tool_run_as_a_script_fails_without_a_traceback(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "error: unknown architecture 'resnet19'; valid: resnet18, resnet34, resnet50, resnet101, resnet152, resnet50d, "
-        "resnext101-32x4d, se-resnext101-32x4d, mobilenet_v2"]
+        "resnext101-32x4d, se-resnext101-32x4d, mobilenet_v2, efficientnet-b0, efficientnet-b4"]
