@@ -479,8 +479,8 @@ def build_parser() -> ToolParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS of each run on the CPU (default: the environment's)")
     parser.add_argument("--in-process", action="store_true",
-                        help="CPU, one run at a time: train in this process through image_classification.run (saves each run the "
-                             "interpreter's start and imports, some 10-30 s on a small or busy machine)")
+                        help="CPU, one run at a time: train in this process through image_classification.run (saves "
+                             "each run the interpreter's start and imports, some 10-30 s on a small or busy machine)")
     return parser
 
 

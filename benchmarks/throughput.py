@@ -2,9 +2,9 @@
 
 Each configuration (model x mode x precision x batch size) is one run of the engine (``image_classification.run``),
 in this process, as NVIDIA's benchmark commands run it: ``--epochs 1 --prof N`` with ``--training-only`` (training)
-or ``--evaluate`` (inference), on synthetic data (one fixed batch on the device: the compute ceiling) or on a real data folder. The
-engine's DLLogger report gives every iteration's compute and data time; the first ``--warmup-iters`` iterations of
-each run are left out, then:
+or ``--evaluate`` (inference), on synthetic data (one fixed batch on the device: the compute ceiling) or on a real
+data folder. The engine's DLLogger report gives every iteration's compute and data time; the first
+``--warmup-iters`` iterations of each run are left out, then:
 
 - images/s = images / (compute + data time) over the measured iterations;
 - latency = one iteration's compute time (a training step: forward, backward and optimizer step; inference: one
