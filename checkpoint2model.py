@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from image_classification.checkpoints import load_checkpoint
-from image_classification.tools import (ToolParser, atomic_output, check_output_folder, model_from_checkpoint,
-                                        tool_main, weights_of)
+from image_classification.atomic_files import atomic_output, check_output_folder
+from image_classification.checkpoints import load_checkpoint, model_from_checkpoint, weights_of
+from image_classification.tools import ToolParser, tool_main
 
 
 def build_parser() -> ToolParser:

@@ -25,10 +25,11 @@ from typing import List, Optional, Sequence
 import torch
 
 import choices
-from image_classification.checkpoints import load_checkpoint
+from image_classification.checkpoints import (checkpoint_classes, checkpoint_preprocessing, load_checkpoint,
+                                              model_from_checkpoint)
 from image_classification.distributed import select_device
-from image_classification.tools import (ToolError, ToolParser, autocast, checkpoint_classes, checkpoint_preprocessing,
-                                        model_from_checkpoint, quiet_logging, tool_main)
+from image_classification.tools import ToolError, ToolParser, quiet_logging, tool_main
+from image_classification.training import Precision
 
 
 def build_parser() -> ToolParser:
@@ -114,7 +115,7 @@ def load_images(paths: Sequence[str], image_size: int, interpolation: str) -> to
 def classify(model: torch.nn.Module, images: torch.Tensor, topk: int, device: torch.device, amp: bool):
     """(probabilities, class indices) of the ``topk`` most likely classes of each image, most likely first."""
     model = model.to(device).eval()
-    with autocast(device, amp):
+    with Precision.create(amp, device).autocast():
         logits = model(images.to(device))
     probabilities = torch.softmax(logits.float(), dim=1)
     return probabilities.topk(min(topk, probabilities.shape[1]), dim=1)

@@ -26,10 +26,11 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from image_classification.checkpoints import load_checkpoint
-from image_classification.tools import (DEFAULT_PREPROCESSING, ToolError, ToolParser, atomic_output,
-                                        checkpoint_preprocessing, fresh_model, model_from_checkpoint, quiet_logging,
-                                        tool_main)
+from image_classification.atomic_files import atomic_output
+from image_classification.checkpoints import (DEFAULT_PREPROCESSING, checkpoint_preprocessing, load_checkpoint,
+                                              model_from_checkpoint)
+from image_classification.models import build_model, check_arch
+from image_classification.tools import ToolError, ToolParser, quiet_logging, tool_main
 
 INPUT, OUTPUT, BATCH = "input", "logits", "batch"
 DEFAULT_OPSET = 17
@@ -126,7 +127,11 @@ def _model(args) -> nn.Module:
         raise ToolError("no model: give --pretrained-from-file PATH, or --arch NAME for random weights")
     if args.ema:
         raise ToolError("--ema needs --pretrained-from-file")
-    return fresh_model(args.arch, args.dynamic, args.num_classes, args.wmul)
+    check_arch(args.arch)
+    if args.wmul <= 0 or args.num_classes <= 0:
+        raise ToolError(f"--wmul and --num-classes must be positive (got {args.wmul:g}, {args.num_classes})")
+    torch.manual_seed(0)  # random weights, the same on every export
+    return build_model(args.arch, args.dynamic, args.num_classes, args.wmul)
 
 
 @tool_main

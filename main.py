@@ -15,10 +15,12 @@ import argparse
 import logging
 import os
 import sys
+from typing import Sequence
 
 import choices
 from errors import EXIT_BAD_INPUT, UserError
 from image_classification.affinity import MODES as AFFINITY_MODES
+from image_classification.engine import RunConfig
 
 logger = logging.getLogger("main")
 
@@ -251,14 +253,31 @@ def main(argv=None) -> int:
     return run_parsed(args)
 
 
+def run_config(argv: Sequence[str] = (), **settings) -> RunConfig:
+    """The engine's settings for a run in code (the benchmarks): main.py's defaults, ``settings`` (RunConfig field
+    names: ``batch_size=64``) over them, then ``argv``'s flags over both (its first word is the data folder, as on
+    the command line). A name that is no field is a TypeError; bad values are found by the run, as on the command
+    line. ``image_classification.run(config)`` runs it."""
+    parser = build_parser()
+    parser.set_defaults(**settings)
+    args = parser.parse_args(list(argv))
+    args.demo = args.replace_demo = False
+    if args.workspace is None:
+        from image_classification.workspace import default_workspace
+
+        args.workspace = default_workspace(args.arch)
+    return RunConfig.from_args(args)
+
+
 def run_parsed(args: argparse.Namespace) -> int:
-    """Run parsed arguments (main.py's, or launch.py's recipe with the command line over it); the exit status."""
+    """Run parsed arguments (main.py's, or launch.py's recipe with the command line over it) through the engine,
+    ``image_classification.run(RunConfig.from_args(args))``; the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     from image_classification.runner import run
 
     try:
         with _console():
-            return run(args)
+            return run(RunConfig.from_args(args)).status
     except UserError as error:  # every specific bad-input error (DataError, CheckpointError...) derives from it
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -58,7 +58,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from image_classification.tools import ToolError, ToolParser, tool_main, write_text  # noqa: E402
+from image_classification.atomic_files import write_text  # noqa: E402
+from image_classification.tools import ToolError, ToolParser, tool_main  # noqa: E402
 
 STATIC, PEDCONV, STATIC_LONG = "static", "PEDConv", "static-equal-time"
 RESULTS = "accuracy.json"
@@ -129,7 +130,8 @@ def recipe_argv(settings: dict, model: str, seed: int, epochs: int, workspace: s
 
 
 def run_main(settings: dict, model: str, seed: int, epochs: int, out: str, slot: int) -> dict:
-    """Train one run in a main.py subprocess; its record (per-epoch top-1, seconds). ``model``: STATIC, PEDCONV or
+    """Train one run in a main.py subprocess (``in_process``: through the engine, ``image_classification.run``, in
+    this process, on the same command line); its record (per-epoch top-1, seconds). ``model``: STATIC, PEDCONV or
     STATIC_LONG (the static model, own workspace); ``slot``: which group of GPUs it may use."""
     workspace = os.path.join(out, f"{model}-seed{seed}")
     if os.path.isdir(workspace):  # an unfinished earlier attempt: start afresh (the engine appends to reports)
@@ -140,9 +142,10 @@ def run_main(settings: dict, model: str, seed: int, epochs: int, out: str, slot:
     log = os.path.join(workspace, "main.log")
     start = time.perf_counter()
     if settings.get("in_process"):
-        import main as engine
+        import image_classification
+        import main as training
 
-        status = engine.main(argv)
+        status = image_classification.run(training.run_config(argv)).status
         seconds = time.perf_counter() - start
         with open(log, "w") as stream:
             stream.write(f"trained in this process (--in-process): exit status {status}\n")
@@ -476,8 +479,8 @@ def build_parser() -> ToolParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP_NUM_THREADS of each run on the CPU (default: the environment's)")
     parser.add_argument("--in-process", action="store_true",
-                        help="CPU, one run at a time: train in this process through main.main() (saves each run the "
-                             "interpreter's start and imports, some 10-30 s on a small or busy machine)")
+                        help="CPU, one run at a time: train in this process through image_classification.run (saves "
+                             "each run the interpreter's start and imports, some 10-30 s on a small or busy machine)")
     return parser
 
 
@@ -491,11 +494,7 @@ def parse(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, List[str]]
     return args, extra
 
 
-@tool_main
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    import torch
-
-    args, extra = parse(argv)
+def _check(args) -> None:
     if args.seeds < 1:
         raise ToolError("--seeds must be at least 1")
     if args.epochs < 1:
@@ -504,35 +503,73 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ToolError("--train-fraction must be in (0, 1]")
     if args.nproc_per_node < 1:
         raise ToolError("--nproc-per-node must be at least 1")
+
+
+def _data(args) -> str:
+    """The study's data folder: the one given (with train/ and val/), else the demo's, made on first use."""
     if args.data is None:
         from image_classification.demo import prepare_digits
 
-        data = prepare_digits()
-    elif os.path.isdir(os.path.join(args.data, "train")) and os.path.isdir(os.path.join(args.data, "val")):
-        data = os.path.abspath(args.data)
-    else:
-        raise ToolError(f"{args.data}: not a folder with train/ and val/")
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    gpus = [str(i) for i in range(torch.cuda.device_count())]
+        return prepare_digits()
+    if os.path.isdir(os.path.join(args.data, "train")) and os.path.isdir(os.path.join(args.data, "val")):
+        return os.path.abspath(args.data)
+    raise ToolError(f"{args.data}: not a folder with train/ and val/")
+
+
+def _jobs(args, gpus: List[str]) -> int:
+    """Runs at once: --jobs, else as many as the visible GPUs hold (one on a CPU machine)."""
     if gpus and args.nproc_per_node > len(gpus):
         raise ToolError(f"--nproc-per-node {args.nproc_per_node}: only {len(gpus)} GPU(s) visible")
     jobs = args.jobs or (len(gpus) // args.nproc_per_node if gpus else 1)
     if gpus and jobs * args.nproc_per_node > len(gpus):
         raise ToolError(f"--jobs {jobs} x --nproc-per-node {args.nproc_per_node} needs more than {len(gpus)} GPUs")
+    return jobs
+
+
+def _in_process(args, gpus: List[str], jobs: int) -> None:
+    """--in-process: one CPU run at a time in this process, with --threads torch threads and quiet logging."""
+    import torch
+
+    if gpus or jobs > 1 or args.nproc_per_node > 1:
+        raise ToolError("--in-process is for one CPU run at a time (no GPUs, --jobs 1, --nproc-per-node 1)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from image_classification.tools import quiet_logging
+
+    quiet_logging()
+
+
+def _finish(study: dict, out: str, command: str) -> str:
+    """Statistics, machine and time into the study; accuracy.json, accuracy.md and the plots written; the text."""
+    study["machine"] = machine()
+    study["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    study["command"] = command
+    study["statistics"] = analyse(study)
+    _save(os.path.join(out, RESULTS), study)
+    text = markdown(study, study["statistics"], command)
+    write_text(os.path.join(out, "accuracy.md"), text)
+    plot(study, study["statistics"], out)
+    return text
+
+
+@tool_main
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import torch
+
+    args, extra = parse(argv)
+    _check(args)
+    data = _data(args)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    gpus = [str(i) for i in range(torch.cuda.device_count())]
+    jobs = _jobs(args, gpus)
     settings = {"data": data, "arch": args.arch, "wmul": args.wmul, "image_size": args.image_size,
                 "batch_size": args.batch_size, "epochs": args.epochs, "train_fraction": args.train_fraction,
                 "equal_time": args.equal_time, "extra": extra, "nproc_per_node": args.nproc_per_node,
                 "workers": args.workers, "threads": args.threads, "gpus": gpus,
                 "device": "cuda" if gpus else "cpu"}
     if args.in_process:
-        if gpus or jobs > 1 or args.nproc_per_node > 1:
-            raise ToolError("--in-process is for one CPU run at a time (no GPUs, --jobs 1, --nproc-per-node 1)")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        from image_classification.tools import quiet_logging
-
-        quiet_logging()
+        _in_process(args, gpus, jobs)
     if args.workers == 0:
         print("warning: -j 0: each pair shares its data order but not its augmentations", file=sys.stderr)
     settings["in_process"] = args.in_process
@@ -545,15 +582,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     load_study(os.path.join(out, RESULTS), settings)  # refuse other settings before any training
     study = run_study(settings, out, seeds, jobs=jobs, progress=progress)
-    study["machine"] = machine()
-    study["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    study["command"] = command
-    study["statistics"] = analyse(study)
-    _save(os.path.join(out, RESULTS), study)
-    text = markdown(study, study["statistics"], command)
-    write_text(os.path.join(out, "accuracy.md"), text)
-    plot(study, study["statistics"], out)
-    print(text, end="")
+    print(_finish(study, out, command), end="")
     return 0
 
 

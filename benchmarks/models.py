@@ -157,7 +157,7 @@ def profile_step(step, label: str, rows: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="resnet18", choices=ARCHITECTURES)
     parser.add_argument("-b", "--batch-size", type=int, default=16)
@@ -174,17 +174,42 @@ def main(argv=None):
     parser.add_argument("--saved", action="store_true",
                         help="print what the convs save for the backward, static vs fast, by stage and kernel")
     add_malloc_argument(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def variants(args, device, kinds) -> list:
+    """(label, kind, amp, channels_last) of every measured variant; on a GPU also AMP with channels_last, as
+    training runs there."""
+    chosen = [(kind, kind, False, args.channels_last) for kind in kinds]
+    if device.type == "cuda":
+        chosen += [(f"{kind}+amp+nhwc", kind, True, True) for kind in kinds]
+    return chosen
+
+
+def print_ratios(times: dict, memory: dict, chosen: list, kinds: list) -> None:
+    """Each PEDConv variant's time (and peak memory) over its static twin's; the reference path's over the fast."""
+    for suffix in sorted({label[len(kind):] for label, kind, _, _ in chosen}):
+        base = f"static{suffix}"
+        for kind in kinds[1:]:
+            label = f"{kind}{suffix}"
+            text = f"RATIO time {label}/{base} = {times[label] / times[base]:.3f}"
+            if memory:
+                text += f"   memory {label}/{base} = {memory[label] / memory[base]:.3f}"
+            print(text)
+        if "reference" in kinds:
+            print(f"RATIO time reference{suffix}/fast{suffix} = "
+                  f"{times[f'reference{suffix}'] / times[f'fast{suffix}']:.3f}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     malloc = configure_malloc(args.default_malloc)
 
     kinds = ["static", "fast"] + ([] if args.no_reference else ["reference"])
-    # (label, kind, amp, channels_last); on a GPU also AMP with channels_last, as training runs there
-    variants = [(kind, kind, False, args.channels_last) for kind in kinds]
-    if device.type == "cuda":
-        variants += [(f"{kind}+amp+nhwc", kind, True, True) for kind in kinds]
+    chosen = variants(args, device, kinds)
     steps, fast_model, fast_inputs = {}, None, {}
-    for label, kind, amp, channels_last in variants:
+    for label, kind, amp, channels_last in chosen:
         model = build_variant(kind, args.arch, device, args.wmul, channels_last)
         steps[label] = make_train_step(model, args.batch_size, args.image_size, device, amp, channels_last)
         if label == "fast":
@@ -204,17 +229,7 @@ def main(argv=None):
     print(f"autotune: {'on' if pedconv.is_autotune_enabled() else 'off (fixed rule)'}; {tuner.measured} key(s) "
           f"measured in {tuner.measure_seconds:.2f} s = {tuner.measure_seconds / times['fast']:.1f} fast steps "
           f"({100 * tuner.measure_seconds / (100 * times['fast']):.1f} % of a 100-step run)")
-    for suffix in sorted({label[len(kind):] for label, kind, _, _ in variants}):
-        base = f"static{suffix}"
-        for kind in kinds[1:]:
-            label = f"{kind}{suffix}"
-            text = f"RATIO time {label}/{base} = {times[label] / times[base]:.3f}"
-            if memory:
-                text += f"   memory {label}/{base} = {memory[label] / memory[base]:.3f}"
-            print(text)
-        if "reference" in kinds:
-            print(f"RATIO time reference{suffix}/fast{suffix} = "
-                  f"{times[f'reference{suffix}'] / times[f'fast{suffix}']:.3f}")
+    print_ratios(times, memory, chosen, kinds)
     if fast_model is not None:
         print_paths(fast_model, fast_inputs, device, amp=False)
     if args.profile:

@@ -179,8 +179,25 @@ def main(argv=None):
 
 
 def benchmark_arch(arch: str, args, device, dtype) -> None:
+    """One table row per PEDConv layer shape of ``arch``, then the totals weighted by how often each shape occurs."""
     kinds = ["static", "fast"] + list(args.methods) + ([] if args.no_reference else ["reference"])
-    shapes = dynamic_conv_shapes(arch)
+    _print_header(arch, args, device, kinds)
+    totals = {kind: 0.0 for kind in kinds}
+    scaled = {kind: 0.0 for kind in kinds}  # sum over shapes of count * static median * paired ratio to static
+    mem_totals = {kind: 0 for kind in kinds}
+    for shape, count in dynamic_conv_shapes(arch).items():
+        step_seconds, memory, path = _measure_shape(shape, args, device, dtype, kinds)
+        times = medians(step_seconds)
+        ratios = {kind: paired_ratio(step_seconds, kind, "static") for kind in kinds}
+        for kind in kinds:
+            totals[kind] += count * times[kind]
+            scaled[kind] += count * times["static"] * ratios[kind]
+            mem_totals[kind] = max(mem_totals[kind], memory.get(kind, 0))
+        print(_shape_line(shape, count, args, kinds, step_seconds, memory, path), flush=True)
+    _print_totals(arch, args, kinds, totals, scaled, mem_totals)
+
+
+def _print_header(arch: str, args, device, kinds) -> None:
     print(f"# {arch}, batch {args.batch_size}, {args.dtype}, {device}, threads {torch.get_num_threads()}, "
           f"{'channels_last' if args.channels_last else 'nchw'}{', autocast' if args.amp else ''}; "
           f"malloc {args.malloc}; forward+backward, "
@@ -189,39 +206,43 @@ def benchmark_arch(arch: str, args, device, dtype) -> None:
     header += " | fast/static ref/fast | auto's path    |"
     header += "" if args.no_memory else " MiB static  fast   ref | mem fast/static"
     print(header)
-    totals = {kind: 0.0 for kind in kinds}
-    scaled = {kind: 0.0 for kind in kinds}  # sum over shapes of count * static median * paired ratio to static
-    mem_totals = {kind: 0 for kind in kinds}
-    for shape, count in shapes.items():
-        layers = {kind: build_layer(kind, shape, device, dtype) for kind in kinds}
-        steps = {kind: make_step(layers[kind], shape, args.batch_size, device, dtype, args.channels_last, args.amp)
-                 for kind in kinds}
-        step_seconds = step_times(steps, device, args.iters)
-        sample = torch.empty(args.batch_size, shape[0], shape[5], shape[5], device=device, dtype=dtype)
-        path = layers["fast"].path_for(sample.to(memory_format=torch.channels_last) if args.channels_last else sample,
-                                       training=True)
-        times = medians(step_seconds)
-        ratios = {kind: paired_ratio(step_seconds, kind, "static") for kind in kinds}
-        memory = {} if args.no_memory else {kind: peak_memory(step, device) for kind, step in steps.items()}
-        for kind in kinds:
-            totals[kind] += count * times[kind]
-            scaled[kind] += count * times["static"] * ratios[kind]
-            mem_totals[kind] = max(mem_totals[kind], memory.get(kind, 0))
-        cin, cout, k, stride, _, size = shape
-        line = f"{cin:>3} {cout:>4} {k} {stride} {size:>4} {count:>2} |"
-        line += "".join(f" {times[kind] * 1e3:>8.1f}ms" for kind in kinds)
-        ref = ratios.get("reference")
-        line += f" | {ratios['fast']:>11.2f} {ref / ratios['fast'] if ref else float('nan'):>8.2f} | {path:<14} |"
-        if not args.no_memory:
-            mib = {kind: memory[kind] / 2**20 for kind in kinds}
-            line += f" {mib['static']:>10.1f} {mib['fast']:>5.1f} {mib.get('reference', float('nan')):>5.1f} |"
-            line += f" {memory['fast'] / memory['static']:>15.2f}"
-        for kind in args.methods:
-            line += f" {kind}/static {ratios[kind]:.2f}"
-        if "triton" in args.methods:
-            line += "".join(f" {kind}/triton {paired_ratio(step_seconds, kind, 'triton'):.2f}"
-                            for kind in ("grouped", "reference") if kind in step_seconds)
-        print(line, flush=True)
+
+
+def _measure_shape(shape, args, device, dtype, kinds):
+    """(per-turn step seconds of each kind, peak memory of each kind ({} with --no-memory), auto's path) of one
+    layer shape."""
+    layers = {kind: build_layer(kind, shape, device, dtype) for kind in kinds}
+    steps = {kind: make_step(layers[kind], shape, args.batch_size, device, dtype, args.channels_last, args.amp)
+             for kind in kinds}
+    step_seconds = step_times(steps, device, args.iters)
+    sample = torch.empty(args.batch_size, shape[0], shape[5], shape[5], device=device, dtype=dtype)
+    path = layers["fast"].path_for(sample.to(memory_format=torch.channels_last) if args.channels_last else sample,
+                                   training=True)
+    memory = {} if args.no_memory else {kind: peak_memory(step, device) for kind, step in steps.items()}
+    return step_seconds, memory, path
+
+
+def _shape_line(shape, count: int, args, kinds, step_seconds: dict, memory: dict, path: str) -> str:
+    times = medians(step_seconds)
+    ratios = {kind: paired_ratio(step_seconds, kind, "static") for kind in kinds}
+    cin, cout, k, stride, _, size = shape
+    line = f"{cin:>3} {cout:>4} {k} {stride} {size:>4} {count:>2} |"
+    line += "".join(f" {times[kind] * 1e3:>8.1f}ms" for kind in kinds)
+    ref = ratios.get("reference")
+    line += f" | {ratios['fast']:>11.2f} {ref / ratios['fast'] if ref else float('nan'):>8.2f} | {path:<14} |"
+    if not args.no_memory:
+        mib = {kind: memory[kind] / 2**20 for kind in kinds}
+        line += f" {mib['static']:>10.1f} {mib['fast']:>5.1f} {mib.get('reference', float('nan')):>5.1f} |"
+        line += f" {memory['fast'] / memory['static']:>15.2f}"
+    for kind in args.methods:
+        line += f" {kind}/static {ratios[kind]:.2f}"
+    if "triton" in args.methods:
+        line += "".join(f" {kind}/triton {paired_ratio(step_seconds, kind, 'triton'):.2f}"
+                        for kind in ("grouped", "reference") if kind in step_seconds)
+    return line
+
+
+def _print_totals(arch: str, args, kinds, totals: dict, scaled: dict, mem_totals: dict) -> None:
     print("total of medians (weighted by occurrences):" + "".join(f" {kind}={totals[kind]:.3f}s" for kind in kinds))
     print(f"RATIO {arch} fast/static = {scaled['fast'] / scaled['static']:.3f}")
     if "reference" in scaled:

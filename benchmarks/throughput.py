@@ -1,10 +1,10 @@
 """Benchmark mode, NVIDIA DLE's protocol: images/s and latency percentiles of static and PEDConv models.
 
-Each configuration (model x mode x precision x batch size) is one run of main.py's engine, in this process, as
-NVIDIA's benchmark commands run it: ``--epochs 1 --prof N`` with ``--training-only`` (training) or ``--evaluate``
-(inference), on synthetic data (one fixed batch on the device: the compute ceiling) or on a real data folder. The
-engine's DLLogger report gives every iteration's compute and data time; the first ``--warmup-iters`` iterations of
-each run are left out, then:
+Each configuration (model x mode x precision x batch size) is one run of the engine (``image_classification.run``),
+in this process, as NVIDIA's benchmark commands run it: ``--epochs 1 --prof N`` with ``--training-only`` (training)
+or ``--evaluate`` (inference), on synthetic data (one fixed batch on the device: the compute ceiling) or on a real
+data folder. The engine's DLLogger report gives every iteration's compute and data time; the first
+``--warmup-iters`` iterations of each run are left out, then:
 
 - images/s = images / (compute + data time) over the measured iterations;
 - latency = one iteration's compute time (a training step: forward, backward and optimizer step; inference: one
@@ -37,11 +37,11 @@ import torch  # noqa: E402
 import choices  # noqa: E402
 
 from image_classification.dllog import read_report  # noqa: E402
-from image_classification.report import finished  # noqa: E402
-from image_classification.tools import (ToolError, ToolParser, check_arch, quiet_logging, tool_main,  # noqa: E402
-                                        write_text)
+from image_classification.atomic_files import write_text  # noqa: E402
+from image_classification.models import check_arch  # noqa: E402
+from image_classification.tools import ToolError, ToolParser, quiet_logging, tool_main  # noqa: E402
 
-MODES = {"training": "--training-only", "evaluation": "--evaluate"}
+MODES = {"training": "training_only", "evaluation": "evaluate"}  # the engine setting of each mode
 MODELS = ("static", "pedconv")
 PRECISIONS = ("fp32", "amp")
 
@@ -72,20 +72,16 @@ def percentile(values: Sequence[float], percent: float) -> float:
     return ordered[index]
 
 
-def engine_argv(args, model: str, mode: str, precision: str, batch: int, workspace: str) -> List[str]:
-    """main.py's command line for one configuration (NVIDIA's benchmark flags)."""
-    argv = [args.data or "synthetic", "--data-backend", args.data_backend, "--arch", args.arch,
-            "--wmul", str(args.wmul), "--image-size", str(args.image_size), "-b", str(batch), "--epochs", "1",
-            "--prof", str(args.prof), MODES[mode], "--no-checkpoints", "--workspace", workspace,
-            "--raport-file", "raport.json", "-p", "1", "--device", args.device, "--seed", "0",
-            "--memory-format", args.memory_format, "-j", str(args.workers), "--lr", "0.01"]
-    if args.num_classes:
-        argv += ["--num-classes", str(args.num_classes)]
-    if model == "pedconv":
-        argv.append("--dynamic")
-    if precision == "amp":
-        argv.append("--amp")
-    return argv
+def engine_config(args, model: str, mode: str, precision: str, batch: int, workspace: str):
+    """The engine's settings for one configuration (NVIDIA's benchmark flags), over main.py's defaults."""
+    import main as training
+
+    return training.run_config(
+        [args.data or "synthetic"], data_backend=args.data_backend, arch=args.arch, wmul=args.wmul,
+        image_size=args.image_size, batch_size=batch, epochs=1, prof=args.prof, save_checkpoints=False,
+        workspace=workspace, raport_file="raport.json", print_freq=1, device=args.device, seed=0,
+        memory_format=args.memory_format, workers=args.workers, lr=0.01, num_classes=args.num_classes or None,
+        dynamic=model == "pedconv", amp=precision == "amp", **{MODES[mode]: True})
 
 
 def measured(report_path: str, mode: str, warmup: int):
@@ -104,8 +100,9 @@ def measured(report_path: str, mode: str, warmup: int):
 
 
 def run_one(args, model: str, mode: str, precision: str, batch: int, workspace: str) -> Result:
-    """One configuration through main.py's engine, in this process; its report read back."""
-    import main as engine
+    """One configuration through the engine (``image_classification.run``), in this process; its report read back
+    (it holds every iteration's times)."""
+    import image_classification
 
     result = Result(model, mode, precision, batch)
     folder = os.path.join(workspace, f"{args.arch}-{model}-{mode}-{precision}-b{batch}")
@@ -114,7 +111,7 @@ def run_one(args, model: str, mode: str, precision: str, batch: int, workspace: 
     if os.path.exists(report):  # the engine appends: start each configuration's report afresh
         os.remove(report)
     try:
-        status = engine.main(engine_argv(args, model, mode, precision, batch, folder))
+        status = image_classification.run(engine_config(args, model, mode, precision, batch, folder)).status
     except torch.OutOfMemoryError:
         result.failure = "OOM"
         return result
@@ -122,9 +119,7 @@ def run_one(args, model: str, mode: str, precision: str, batch: int, workspace: 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if status != 0:
-        raise ToolError(f"the {model} {mode} run at batch {batch} ({precision}) failed (main.py exit status {status})")
-    if not finished(report):
-        raise ToolError(f"the {model} {mode} run at batch {batch} ({precision}) was stopped before its end")
+        raise ToolError(f"the {model} {mode} run at batch {batch} ({precision}) was stopped (exit status {status})")
     compute, total, images = measured(report, mode, args.warmup_iters)
     if not compute:
         result.failure = "no measured iteration"

@@ -11,7 +11,7 @@ import torch
 
 from . import integrity
 from .common import DataError, ImageFolderListing, check_same_classes, list_image_folder, train_batches_per_rank
-from .options import MEMORY_FORMATS, LoaderOptions  # noqa: F401  (MEMORY_FORMATS: the runner names it as factory's)
+from .options import LoaderOptions
 
 logger = logging.getLogger(__name__)
 

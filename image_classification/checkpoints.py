@@ -32,15 +32,14 @@ unreadable or refused file, a few lines (truncated lists) for keys or shapes tha
 """
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import pickle
 import random
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -48,7 +47,10 @@ import torch.nn as nn
 from errors import UserError
 
 from . import efficientnet, mobilenet
-from .models import ARCHITECTURES, BasicBlock, Bottleneck, _LAYOUTS, build_model, stage_widths
+from .atomic_files import atomic_path
+from .models import ARCHITECTURES, BasicBlock, Bottleneck, _LAYOUTS, build_model, check_arch, stage_widths
+
+logger = logging.getLogger(__name__)
 
 PREFIXES = ("module.", "_orig_mod.")
 PEDCONV_KEY = ".attn.fc_share.weight"
@@ -75,15 +77,6 @@ class Checkpoint:
     state_dict_ema: Optional[Dict[str, torch.Tensor]] = None
     rng: Optional[dict] = None
     extra: Dict[str, Any] = field(default_factory=dict)
-
-    def build_model(self, **kwargs) -> nn.Module:
-        """The model this checkpoint describes (``kwargs`` go to :func:`build_model`), with its weights loaded."""
-        arch = self.arch
-        if arch["name"] is None or arch["wmul"] is None:
-            raise CheckpointError(f"{self.path}: cannot tell the architecture from the checkpoint's keys")
-        model = build_model(arch["name"], arch["dynamic"], arch["num_classes"], arch["wmul"], **kwargs)
-        load_model_state(model, self.state_dict)
-        return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,6 +363,100 @@ def load_static_into_pedconv(model: nn.Module, state_dict: Dict[str, torch.Tenso
     return kept
 
 
+def weights_of(checkpoint: Checkpoint, ema: bool = False, allow_nonfinite: bool = False) -> Dict[str, torch.Tensor]:
+    """The checkpoint's model weights, or its EMA weights with ``ema`` (an error if it has none). Weights holding
+    NaN or infinite values are refused (a CheckpointError naming the first such tensor) unless ``allow_nonfinite``."""
+    if not ema:
+        state = checkpoint.state_dict
+    elif not checkpoint.state_dict_ema:
+        raise CheckpointError(f"{checkpoint.path}: --ema asked, but the checkpoint holds no EMA weights "
+                              "(train with --use-ema DECAY)")
+    else:
+        state = checkpoint.state_dict_ema
+    if not allow_nonfinite:
+        check_finite(state, checkpoint.path, "EMA weights" if ema else "weights")
+    return state
+
+
+def _described(checkpoint: Checkpoint, arch: Optional[str], given: Dict[str, Any]) -> Dict[str, Any]:
+    """The architecture to build: the checkpoint's (its keys tell it), ``given``'s values (not None) replacing its
+    ``dynamic``, ``num_classes`` and ``wmul``; ``arch``, when given, must be the checkpoint's."""
+    described = dict(checkpoint.arch, **{k: v for k, v in given.items() if v is not None})
+    if arch is not None:
+        check_arch(arch)
+        if described.get("name") not in (None, arch):
+            raise CheckpointError(f"{checkpoint.path} holds a {described['name']}, not a {arch}")
+        described["name"] = arch
+    if described.get("name") is None or described.get("wmul") is None:
+        raise CheckpointError(f"{checkpoint.path}: cannot tell the architecture from the checkpoint's keys "
+                              f"(one of {', '.join(ARCHITECTURES)} is expected)")
+    check_arch(described["name"])
+    if described.get("num_classes") is None:
+        raise CheckpointError(f"{checkpoint.path}: no classifier weights ({' or '.join(CLASSIFIER_KEYS)}) in the "
+                              "checkpoint")
+    return described
+
+
+def model_from_checkpoint(checkpoint: Checkpoint, arch: Optional[str] = None, *, dynamic: Optional[bool] = None,
+                          num_classes: Optional[int] = None, wmul: Optional[float] = None, ema: bool = False,
+                          allow_nonfinite: bool = False, from_static: bool = False, **build_options) -> nn.Module:
+    """The one way to make a model from a checkpoint (main.py's run and the tools): the architecture the
+    checkpoint's keys tell (:func:`infer_arch`) is built (``build_options`` go to :func:`build_model`) and its
+    weights loaded (``ema``: its EMA weights; see :func:`weights_of` for ``allow_nonfinite``). The model is in
+    training mode, as built.
+
+    ``arch``, when given, must be the checkpoint's; ``dynamic``, ``num_classes`` and ``wmul``, when given, replace
+    the checkpoint's (and the weights must fit). With ``from_static``, a static checkpoint starts a PEDConv model
+    (``dynamic=True``): see :func:`load_static_into_pedconv`. A CheckpointError when the architecture cannot be told
+    or the weights do not fit it (naming the file and the model)."""
+    described = _described(checkpoint, arch, {"dynamic": dynamic, "num_classes": num_classes, "wmul": wmul})
+    model = build_model(described["name"], described["dynamic"], described["num_classes"], described["wmul"],
+                        **build_options)
+    state = weights_of(checkpoint, ema, allow_nonfinite)
+    try:
+        if from_static and described["dynamic"] and not checkpoint.arch.get("dynamic"):
+            kept = load_static_into_pedconv(model, state)
+            logger.info("%s is a static model: its conv weights start the PEDConv layers' W0, every other layer is "
+                        "copied, and the gate generators (%d tensors) keep their initialization",
+                        checkpoint.path, len(kept))
+        else:
+            load_model_state(model, state)
+    except CheckpointError as error:
+        raise CheckpointError(f"{checkpoint.path} does not fit {described['name']}"
+                              f"{' (PEDConv)' if described['dynamic'] else ''}: {error}") from None
+    return model
+
+
+def checkpoint_classes(checkpoint: Checkpoint) -> Optional[List[str]]:
+    """The class names a checkpoint stores (its ``classes`` entry), or None."""
+    classes = checkpoint.extra.get("classes")
+    if isinstance(classes, (list, tuple)) and all(isinstance(name, str) for name in classes):
+        return list(classes)
+    return None
+
+
+DEFAULT_PREPROCESSING = {"image_size": 224, "interpolation": "bilinear"}
+
+
+def checkpoint_preprocessing(checkpoint: Checkpoint, **given) -> dict:
+    """``image_size`` and ``interpolation`` for a checkpoint's model: a value given (not None) wins, with a warning
+    when it differs from the one the checkpoint records (main.py stores how its images were prepared); otherwise
+    the recorded value, else DLE's default (224, bilinear)."""
+    stored = checkpoint.extra.get("preprocessing")
+    stored = stored if isinstance(stored, dict) else {}
+    chosen = {}
+    for name, default in DEFAULT_PREPROCESSING.items():
+        value, recorded = given.get(name), stored.get(name)
+        if value is None:
+            chosen[name] = recorded if recorded is not None else default
+            continue
+        if recorded is not None and value != recorded:
+            logger.warning("--%s %s overrides the %s the checkpoint's model was trained with (%s): its predictions "
+                           "may be wrong", name.replace("_", "-"), value, name.replace("_", " "), recorded)
+        chosen[name] = value
+    return chosen
+
+
 OPTIMIZER_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -479,88 +566,6 @@ def make_checkpoint(model: nn.Module, epoch: int, optimizer=None, scaler=None, b
         "state_dict_ema": strip_prefixes(unwrap(ema_model).state_dict()) if ema_model is not None else None,
         "rng": rng,
     }
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# Temporary files are named ``.<name>.<pid>-<8 random characters>.tmp<extension>`` beside their target: hidden,
-# recognizably this project's, and carrying the writer's process id, so that a later run can tell a file left by a
-# killed save (its writer is gone) from one being written now (see remove_stale_temporaries).
-TEMPORARY_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)-[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
-
-
-def temporary_prefix_suffix(path: str):
-    """(prefix, suffix) of the temporary files written for ``path`` (see TEMPORARY_NAME)."""
-    return f".{os.path.basename(path)}.{os.getpid()}-", f".tmp{os.path.splitext(path)[1]}"
-
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path beside ``path`` (same extension); on success it gets the usual file mode (umask) and
-    is renamed to ``path``, on failure it is removed: ``path`` is either the complete new file or what it was."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    prefix, suffix = temporary_prefix_suffix(path)
-    handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
-    os.close(handle)
-    try:
-        yield temporary
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes the file private
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def check_writable(path: str) -> None:
-    """Create ``path``'s folder if needed and create and remove one of its temporary files there: an OSError now
-    (a file where a folder should be, no permission, a read-only file system, a name too long for the file system,
-    counting the temporary name's decoration) instead of at the first save, an epoch later."""
-    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
-    os.makedirs(directory, exist_ok=True)
-    prefix, suffix = temporary_prefix_suffix(os.fspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
-    os.close(handle)
-    os.unlink(temporary)
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-def remove_stale_temporaries(directory: str) -> List[str]:
-    """Remove the temporary files that a killed save left in ``directory`` (not its subfolders): only names of
-    :data:`TEMPORARY_NAME`'s pattern whose writing process no longer runs on this machine. Returns the paths
-    removed; a file that cannot be removed is left (it is named by the caller's log, not an error)."""
-    removed = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for name in sorted(names):
-        match = TEMPORARY_NAME.match(name)
-        if not match or _process_alive(int(match.group("pid"))):
-            continue
-        path = os.path.join(directory, name)
-        try:
-            if os.path.isfile(path) and not os.path.islink(path):
-                os.unlink(path)
-                removed.append(path)
-        except OSError:
-            continue
-    return removed
 
 
 class _WriteErrors:

@@ -35,19 +35,20 @@ class Context:
 def select_device(requested: str = "auto", local_rank: Optional[int] = None) -> torch.device:
     """The device a ``--device`` value names (main.py and the tools): ``auto`` is CUDA when present, else the CPU;
     ``cuda`` without a GPU is a UserError. With ``local_rank`` (one process per GPU) CUDA is that GPU, made the
-    current one; without, the current CUDA device."""
+    current one; without, the current CUDA device. The choice itself is
+    :func:`dataloading.common.resolve_device`'s (the data loaders resolve theirs with it too); this adds the flag's
+    checks and the process's GPU."""
+    from dataloading.common import resolve_device
+
     if requested not in choices.DEVICES:
         raise UserError(f"unknown device {requested!r}; valid: {', '.join(choices.DEVICES)}")
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
+    if requested == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
-    if local_rank is None:
-        return torch.device("cuda")
-    if local_rank >= torch.cuda.device_count():
-        raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) on this node")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    if local_rank is not None and requested != "cpu" and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) on this node")
+        torch.cuda.set_device(local_rank)  # before any CUDA work: the current device, which resolve_device takes
+    return resolve_device(None if requested == "auto" else requested)
 
 
 def init_from_environment(requested_device: str = "auto") -> Context:

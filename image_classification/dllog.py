@@ -199,7 +199,8 @@ class Report:
         self.start = time.time()
         self.previous: Optional[str] = None  # where the report found at ``path`` went (None: nowhere, or continued)
         self.continues: Optional[str] = None  # run.start of the run this one continues
-        self.epochs: Dict[int, dict] = {}  # this run's epoch lines, for the console summary
+        self.epochs: Dict[int, dict] = {}  # this run's epoch lines as written (the console summary, RunResult)
+        self.summary: dict = {}  # the run summary as written (step [])
         self._fd: Optional[int] = None
         self._dropped = 0
         self._intervals: Dict[int, _Interval] = {}
@@ -260,13 +261,17 @@ class Report:
         data = {k: _jsonable(v) for k, v in data.items()}
         if isinstance(step, str) or len(step) < 2:
             self._write({"type": "LOG", "step": step if isinstance(step, str) else list(step), "data": data})
-            if verbose and not isinstance(step, str):
-                if len(step) == 1:
-                    self.epochs[int(step[0])] = data
-                    logger.info("%s", epoch_line(int(step[0]), data, time.time() - (self._phase_start or self.start)))
-                else:
-                    for line in summary_lines(self.epochs, data):
-                        logger.info("%s", line)
+            if isinstance(step, str):
+                return
+            if len(step) == 1:
+                self.epochs[int(step[0])] = data
+            else:
+                self.summary = data
+            if verbose and len(step) == 1:
+                logger.info("%s", epoch_line(int(step[0]), data, time.time() - (self._phase_start or self.start)))
+            elif verbose:
+                for line in summary_lines(self.epochs, data):
+                    logger.info("%s", line)
             return
         interval = self._intervals.setdefault(len(step), _Interval())
         interval.add(data)
@@ -393,6 +398,30 @@ def summary_lines(epochs: Dict[int, dict], summary: Dict[str, float]) -> List[st
         lines.append(f"lowest training loss {min(trained):.4f}; mean training throughput "
                      f"{_number(summary.get('train.total_ips'), '.1f')} img/s")
     return lines
+
+
+def run_summary(epochs: List[dict], keys: List[str]) -> dict:
+    """The run summary (step ``[]``) over this run's epoch lines, every key of ``keys`` (null without data), as
+    NVIDIA's run aggregators: best top-1 and top-5, lowest losses (NVIDIA's code keeps the highest: a bug), mean
+    throughput, times and latency, the last learning rate; the latency percentiles are the highest of the epochs'
+    (exact for one validation pass)."""
+    summary = {}
+    for key in keys:
+        values = [e[key] for e in epochs if e.get(key) is not None]
+        name = key.split(".", 1)[1]
+        if not values:
+            summary[key] = None
+        elif name in ("top1", "top5"):
+            summary[key] = max(values)
+        elif name.endswith("loss") or name == "cross_entropy":
+            summary[key] = min(values)
+        elif name == "lr" or name == "images":
+            summary[key] = values[-1]
+        elif name.startswith("compute_latency_at"):
+            summary[key] = max(values)
+        else:
+            summary[key] = sum(values) / len(values)
+    return summary
 
 
 def read_report(path: str) -> Iterable[dict]:

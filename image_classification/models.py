@@ -374,12 +374,18 @@ _OTHER_FAMILIES = tuple(_CONVERTED_FAMILIES)
 ARCHITECTURES = choices.ARCHITECTURES
 
 
+def check_arch(name: str) -> str:
+    """``name`` if it is one of :data:`ARCHITECTURES`, else a UserError naming the valid ones."""
+    if name not in ARCHITECTURES:
+        raise UserError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")
+    return name
+
+
 def layout(name: str) -> Layout:
     """The :class:`Layout` of a ResNet-family architecture name; UserError naming the valid ones."""
     if name not in _LAYOUTS:
-        if name in _OTHER_FAMILIES:
+        if check_arch(name) in _OTHER_FAMILIES:
             raise UserError(f"{name} is not a ResNet: it has no ResNet layout")
-        raise UserError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}")
     return _LAYOUTS[name]
 
 

@@ -31,8 +31,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .atomic_files import atomic_output, write_text
 from .dllog import read_report
-from .tools import ToolError, ToolParser, atomic_output, tool_main, write_text
+from .tools import ToolError, ToolParser, tool_main
 
 PLOTS = ("train_loss.png", "learning_rate.png", "val_accuracy.png", "throughput.png")
 

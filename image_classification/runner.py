@@ -1,4 +1,5 @@
-"""Wires a parsed command line into a run: data, model, optimizer, checkpoints, report, then the epochs."""
+"""The training engine: :func:`run` wires a :class:`RunConfig` into a run (data, model, optimizer, checkpoints,
+report, then the epochs) and returns its :class:`RunResult`. ``args`` in the steps below is the run's RunConfig."""
 from __future__ import annotations
 
 import contextlib
@@ -19,16 +20,16 @@ import choices
 import pedconv
 from errors import UserError
 
-from . import affinity, checkpoints, distributed, workspace
+from . import affinity, atomic_files, checkpoints, distributed, workspace
 from .allocator import configure_malloc
 from .cuda_settings import set_tf32
-from .dllog import Report, metric_names
+from .dllog import Report, metric_names, run_summary
 from .ema import EMA
 from .losses import Mixup, SoftTargetCrossEntropy
-from .models import ARCHITECTURES, build_model, default_config, disable_info_max, get_config, set_pedconv_method
+from .engine import RunConfig, RunResult
+from .model_summary import format_summary, summarize
+from .models import build_model, check_arch, default_config, disable_info_max, get_config, set_pedconv_method
 from .optim import build_optimizer, lr_schedule
-from .summary import format_summary, summarize
-from .tools import DEFAULT_PREPROCESSING, checkpoint_preprocessing
 from .training import GracefulStop, Precision, Trainer, steps_per_pass
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,7 @@ def _check_numbers(args) -> None:
 
 def _check_args(args, context: distributed.Context) -> int:
     """Validate the arguments; return the gradient accumulation steps."""
-    if args.arch not in ARCHITECTURES:
-        raise UserError(f"unknown architecture {args.arch!r}; valid: {', '.join(ARCHITECTURES)}")
+    check_arch(args.arch)
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     _check_numbers(args)
@@ -158,9 +158,10 @@ def _choose_preprocessing(args, checkpoint: Optional[checkpoints.Checkpoint]) ->
     224 and bilinear; a flag that differs from the checkpoint's record is obeyed with a warning."""
     given = {"image_size": args.image_size, "interpolation": args.interpolation}
     if checkpoint is not None and (args.evaluate or args.resume):
-        chosen = checkpoint_preprocessing(checkpoint, **given)
+        chosen = checkpoints.checkpoint_preprocessing(checkpoint, **given)
     else:
-        chosen = {name: DEFAULT_PREPROCESSING[name] if value is None else value for name, value in given.items()}
+        chosen = {name: checkpoints.DEFAULT_PREPROCESSING[name] if value is None else value
+                  for name, value in given.items()}
     args.image_size, args.interpolation = chosen["image_size"], chosen["interpolation"]
 
 
@@ -173,27 +174,22 @@ def _resumed_classes(args, checkpoint: Optional[checkpoints.Checkpoint]) -> Opti
 
 
 def _build_model(args, num_classes: int, checkpoint: Optional[checkpoints.Checkpoint]) -> nn.Module:
+    """The model ``args`` describe, with ``num_classes`` classes; with a checkpoint, its weights loaded (a static
+    checkpoint starts a PEDConv model, unless resumed) by :func:`checkpoints.model_from_checkpoint`."""
+    options = {"config": _model_config(args), "zero_init_last_bn": args.zero_init_last_bn}
     try:
-        model = build_model(args.arch, args.dynamic, num_classes, args.wmul, config=_model_config(args),
-                            zero_init_last_bn=args.zero_init_last_bn)
+        if checkpoint is None:
+            model = build_model(args.arch, args.dynamic, num_classes, args.wmul, **options)
+        else:
+            model = checkpoints.model_from_checkpoint(checkpoint, args.arch, dynamic=args.dynamic,
+                                                      num_classes=num_classes, wmul=args.wmul,
+                                                      from_static=not args.resume, **options)
     except UserError:
         raise
     except ValueError as error:  # pedconv's own argument checks (it stays independent: plain ValueErrors)
         raise UserError(str(error)) from None
     if args.dynamic:
         set_pedconv_method(model, args.pedconv_method)
-    if checkpoint is not None:
-        try:
-            if args.dynamic and not checkpoint.arch.get("dynamic") and not args.resume:
-                kept = checkpoints.load_static_into_pedconv(model, checkpoint.state_dict)
-                logger.info("%s is a static model: its conv weights start the PEDConv layers' W0, every other layer "
-                            "is copied, and the gate generators (%d tensors) keep their initialization",
-                            checkpoint.path, len(kept))
-            else:
-                checkpoints.load_model_state(model, checkpoint.state_dict)
-        except checkpoints.CheckpointError as error:
-            raise checkpoints.CheckpointError(f"{checkpoint.path} does not fit {args.arch}"
-                            f"{' (PEDConv)' if args.dynamic else ''}: {error}") from None
     return model
 
 
@@ -225,14 +221,15 @@ def _forward_module(args, model: nn.Module) -> nn.Module:
     return scripted
 
 
-def _save(args, context, trainer: Trainer, epoch: int, best_top1: Optional[float], is_best: bool, ema,
-          classes=None, *, numbered: bool = True) -> None:
+def _save(session: "_Session", epoch: int, is_best: bool, *, numbered: bool = True) -> None:
     """Write the checkpoints of ``epoch`` epochs done: NVIDIA's ``checkpoint_<epoch-1:04>.pth.tar`` (kept for the last
     ``--gather-checkpoints`` epochs), ``--checkpoint-filename`` and, on a new best top-1, ``model_best.pth.tar``."""
-    if not (args.save_checkpoints and context.is_main) or args.evaluate:
+    args, trainer, ema, classes = session.args, session.trainer, session.ema, session.loaders.classes
+    if not (args.save_checkpoints and session.context.is_main) or args.evaluate:
         return
     state = checkpoints.make_checkpoint(trainer.inner_model, epoch, trainer.optimizer, trainer.precision.scaler,
-                                        best_top1, ema.module if ema is not None else None, checkpoints.capture_rng())
+                                        session.best_top1, ema.module if ema is not None else None,
+                                        checkpoints.capture_rng())
     if classes:
         state["classes"] = list(classes)  # class names in label order, for classify.py
     state["preprocessing"] = _preprocessing(args)
@@ -303,22 +300,23 @@ def _prepare_workspace(args, context) -> None:
         os.remove(os.path.join(args.workspace, args.raport_file))
 
 
-def run(args) -> int:
-    """Train or evaluate as ``args`` say; the exit status (0; 128 + the signal for a run stopped by one).
+def run(config: RunConfig) -> RunResult:
+    """Train or evaluate as ``config`` says (``image_classification.run``); what the run gave (its ``status``: 0, or
+    128 + the signal for a run stopped by one). Bad input raises a :class:`errors.UserError` naming it.
 
-    On every way out (success, error, SIGTERM/SIGINT) the loaders' workers and pipelines are stopped first, then
-    the ranks meet (after a success only: a failed rank would never arrive) and leave the process group."""
-    args.demo = getattr(args, "demo", False)
-    args.replace_demo = getattr(args, "replace_demo", False)
-    args.overwrite = getattr(args, "overwrite", False)
+    ``config`` itself is left as it is: the run adjusts a copy (the checkpoint's architecture, the image size, the
+    usable cores...), returned as ``RunResult.config``. On every way out (success, error, SIGTERM/SIGINT) the
+    loaders' workers and pipelines are stopped first, then the ranks meet (after a success only: a failed rank would
+    never arrive) and leave the process group."""
+    args = dataclasses.replace(config)
     _banner(args, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
     context = distributed.init_from_environment(args.device)
     finished = False
     try:
         with contextlib.ExitStack() as closing:
-            status = _run(args, context, closing)
+            result = _run(args, context, closing)
         finished = True
-        return status
+        return result
     finally:
         distributed.shutdown(context, wait_for_all=finished)
 
@@ -338,22 +336,64 @@ def _check_outputs(args, context: distributed.Context, report_path: Optional[str
         outputs.append(("checkpoint", os.path.join(folder, args.checkpoint_filename)))
     for what, path in outputs:
         try:
-            checkpoints.check_writable(path)
+            atomic_files.check_writable(path)
         except OSError as error:
             raise UserError(f"cannot write the {what} {path}: {error.strerror or error}") from None
     folders = dict.fromkeys(os.path.dirname(os.path.abspath(path)) for _, path in outputs)
     for place in dict.fromkeys([os.path.abspath(folder), *folders]):
-        removed = checkpoints.remove_stale_temporaries(place)
+        removed = atomic_files.remove_stale_temporaries(place)
         if removed:
             logger.info("removed %d temporary file(s) left by an interrupted save: %s", len(removed),
                         ", ".join(removed))
 
 
-def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> int:
+@dataclasses.dataclass
+class _Session:
+    """What the steps of one run share once it is set up."""
+
+    args: RunConfig
+    context: distributed.Context
+    loaders: object  # dataloading.Loaders
+    report: Report
+    report_path: Optional[str]
+    trainer: Trainer
+    ema: Optional[EMA]
+    checkpoint: Optional[checkpoints.Checkpoint]
+    accumulation: int
+    keys: List[str]  # every metric of an epoch line and of the run summary
+    start_epoch: int = 0
+    best_top1: Optional[float] = None
+
+
+def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> RunResult:
     accumulation = _check_args(args, context)
     report_path = os.path.join(args.workspace, args.raport_file) if args.raport_file else None
     _prepare_workspace(args, context)
     _check_outputs(args, context, report_path)
+    _prepare_process(args, context)
+    from dataloading.options import MEMORY_FORMATS
+
+    memory_format = MEMORY_FORMATS[args.memory_format]
+
+    checkpoint = _initial_weights(args)
+    _choose_preprocessing(args, checkpoint)
+    loaders = _loaders(args, context, memory_format)
+    closing.callback(loaders.close)
+    num_classes = _num_classes(args, loaders.classes, checkpoint)
+    model = _build_model(args, num_classes, checkpoint)
+    model_summary = summarize(model, args.image_size)  # on the CPU, before the model moves
+    model = model.to(context.device, memory_format=memory_format)
+    report = _open_report(args, context, report_path, model_summary)
+    session = _session(args, context, loaders, report, report_path, checkpoint, accumulation, model, num_classes,
+                       memory_format)
+    logger.info("%s; %d process(es) on %s; batch %d x %d, accumulation %d",
+                format_summary(model_summary, f"{args.arch}{' (PEDConv)' if args.dynamic else ''} x{args.wmul:g}"),
+                context.world_size, context.device, args.batch_size, context.world_size, accumulation)
+    return _evaluate(session) if args.evaluate else _train(session)
+
+
+def _prepare_process(args, context: distributed.Context) -> None:
+    """The demo's data, NVIDIA's inapplicable flags, CPU affinity, the allocator or TF32, the seeds."""
     if args.demo:
         from .demo import prepare_digits
 
@@ -368,31 +408,33 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
         set_tf32(args.tf32)
         logger.info("TF32 for float32 matrix products and convolutions: %s", "on" if args.tf32 else "off")
     _seed(args.seed, context.rank, args.deterministic)
-    from dataloading.factory import MEMORY_FORMATS
 
-    memory_format = MEMORY_FORMATS[args.memory_format]
 
-    checkpoint = _initial_weights(args)
-    _choose_preprocessing(args, checkpoint)
-    loaders = _loaders(args, context, memory_format)
-    closing.callback(loaders.close)
-    if args.num_classes and loaders.classes and args.num_classes < len(loaders.classes):
-        raise UserError(f"--num-classes {args.num_classes} is less than the {len(loaders.classes)} class folders in "
-                        f"{args.data} (labels would reach {len(loaders.classes) - 1})")
-    num_classes = (args.num_classes or _resumed_classes(args, checkpoint)
-                   or (len(loaders.classes) if loaders.classes else 1000))
-    model = _build_model(args, num_classes, checkpoint)
-    summary = summarize(model, args.image_size)  # on the CPU, before the model moves
-    model = model.to(context.device, memory_format=memory_format)
+def _num_classes(args, classes, checkpoint: Optional[checkpoints.Checkpoint]) -> int:
+    """--num-classes (at least the data's class folders), else a resumed or evaluated checkpoint's, else the data's
+    (1000 for synthetic data)."""
+    if args.num_classes and classes and args.num_classes < len(classes):
+        raise UserError(f"--num-classes {args.num_classes} is less than the {len(classes)} class folders in "
+                        f"{args.data} (labels would reach {len(classes) - 1})")
+    return args.num_classes or _resumed_classes(args, checkpoint) or (len(classes) if classes else 1000)
 
+
+def _open_report(args, context: distributed.Context, report_path: Optional[str], model_summary) -> Report:
+    """The DLLogger report (rank 0 writes it), its PARAMETER line written: the settings and the model's figures."""
     try:
         report = Report(report_path if context.is_main else None, args.print_freq, resume=bool(args.resume),
                         bars=context.is_main)
     except OSError as error:
         raise UserError(f"cannot write the report {report_path}: {error.strerror or error}") from None
-    report.parameters({**vars(args), "model.params": summary.params,
-                       "model.params_without_decoders": summary.params_without_decoders,
-                       "model.macs": summary.macs, "model.pedconv_layers": summary.dynamic_layers})
+    report.parameters({**args.parameters(), "model.params": model_summary.params,
+                       "model.params_without_decoders": model_summary.params_without_decoders,
+                       "model.macs": model_summary.macs, "model.pedconv_layers": model_summary.dynamic_layers})
+    return report
+
+
+def _session(args, context, loaders, report, report_path, checkpoint, accumulation, model, num_classes,
+             memory_format) -> _Session:
+    """Precision, optimizer, EMA, the resumed state and the trainer around ``model``."""
     precision = Precision.create(args.amp, context.device, args.static_loss_scale, args.dynamic_loss_scale)
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.momentum, args.weight_decay, args.nesterov,
                                 args.bn_weight_decay, args.rmsprop_alpha, args.rmsprop_eps,
@@ -425,71 +467,105 @@ def _run(args, context: distributed.Context, closing: contextlib.ExitStack) -> i
                       accumulation=accumulation, infomax_weight=args.infomax_weight if args.dynamic else 0.0,
                       mixup=mixup, ema=ema, memory_format=memory_format, prof=args.prof, topk=args.topk,
                       inner_model=model, val_criterion=val_criterion)
-    logger.info("%s; %d process(es) on %s; batch %d x %d, accumulation %d",
-                format_summary(summary, f"{args.arch}{' (PEDConv)' if args.dynamic else ''} x{args.wmul:g}"),
-                context.world_size, context.device, args.batch_size, context.world_size, accumulation)
-    prefixes = ["val"] + (["val_ema"] if ema is not None else [])
-    keys = metric_names(prefixes)
+    keys = metric_names(["val"] + (["val_ema"] if ema is not None else []))
+    return _Session(args, context, loaders, report, report_path, trainer, ema, checkpoint, accumulation, keys,
+                    start_epoch, best_top1)
 
-    def validate(epoch: int) -> dict:
-        val_loader = report.track(loaders.val, steps_per_pass(loaders.val, args.prof), f"val {epoch}")
-        results = trainer.validate(val_loader, epoch)
-        if ema is not None:
-            results.update(trainer.validate(report.track(loaders.val, steps_per_pass(loaders.val, args.prof),
-                                                         f"val EMA {epoch}"), epoch, ema.module, "val_ema"))
-        return results
 
-    if args.evaluate:
-        if ema is not None and checkpoint is not None and checkpoint.state_dict_ema:
-            ema.module.load_state_dict(checkpoint.state_dict_ema)
-        results = {**dict.fromkeys(keys), **validate(start_epoch)}
-        report.log([start_epoch], results)
-        report.log([], run_summary([results], keys))
-        report.close()
-        logger.info("evaluation done: top-1 %.2f %%, top-5 %.2f %% on %d images; report: %s",
-                    results["val.top1"], results["val.top5"], results["val.images"], report_path)
-        return 0
+def _validate(session: _Session, epoch: int) -> dict:
+    """Validation metrics of ``epoch`` (and of the EMA weights, when kept)."""
+    loaders, report, trainer, prof = session.loaders, session.report, session.trainer, session.args.prof
+    results = trainer.validate(report.track(loaders.val, steps_per_pass(loaders.val, prof), f"val {epoch}"), epoch)
+    if session.ema is not None:
+        results.update(trainer.validate(report.track(loaders.val, steps_per_pass(loaders.val, prof),
+                                                     f"val EMA {epoch}"), epoch, session.ema.module, "val_ema"))
+    return results
 
+
+def _evaluate(session: _Session) -> RunResult:
+    """--evaluate: one validation pass, logged as epoch ``start_epoch`` and as the run summary."""
+    ema, checkpoint, report = session.ema, session.checkpoint, session.report
+    if ema is not None and checkpoint is not None and checkpoint.state_dict_ema:
+        ema.module.load_state_dict(checkpoint.state_dict_ema)
+    results = {**dict.fromkeys(session.keys), **_validate(session, session.start_epoch)}
+    report.log([session.start_epoch], results)
+    report.log([], run_summary([results], session.keys))
+    report.close()
+    logger.info("evaluation done: top-1 %.2f %%, top-5 %.2f %% on %d images; report: %s",
+                results["val.top1"], results["val.top5"], results["val.images"], session.report_path)
+    return _result(session, 0, results["val.top1"])
+
+
+def _train(session: _Session) -> RunResult:
+    """The epochs from ``start_epoch``: train, validate, log, save; early stopping; a signal saves and stops."""
+    args, context, loaders, report, trainer = (session.args, session.context, session.loaders, session.report,
+                                               session.trainer)
     schedule = lr_schedule(args.lr_schedule, args.lr, args.warmup, args.epochs, args.end_lr)
-    last_epoch = args.epochs if args.run_epochs < 0 else min(args.epochs, start_epoch + args.run_epochs)
+    last_epoch = args.epochs if args.run_epochs < 0 else min(args.epochs, session.start_epoch + args.run_epochs)
     history = []
     epochs_without_better_top1 = 0
     with GracefulStop() as stop:
         trainer.stop = stop
-        for epoch in range(start_epoch, last_epoch):
+        for epoch in range(session.start_epoch, last_epoch):
             loaders.train.set_epoch(epoch)
             train_loader = report.track(loaders.train, steps_per_pass(loaders.train, args.prof), f"epoch {epoch}")
             train_results = trainer.train_epoch(train_loader, epoch, schedule(epoch))
             if stop.requested:
-                _save(args, context, trainer, epoch, best_top1, False, ema, loaders.classes, numbered=False)
-                report.close()
-                status = 128 + (stop.signum or signal.SIGTERM)
-                logger.info("stopped during epoch %d (exit status %d); resume with --resume %s", epoch, status,
-                            os.path.join(args.workspace, args.checkpoint_filename))
-                return status
-            if epoch == start_epoch and args.dynamic:
+                return _stopped(session, epoch, stop.signum)
+            if epoch == session.start_epoch and args.dynamic:
                 logger.debug("%s", pedconv.autotune_report())
-            epoch_results = {**dict.fromkeys(keys), **train_results}
-            is_best = False
-            if not args.training_only:
-                val_results = validate(epoch)
-                epoch_results.update(val_results)
-                is_best = best_top1 is None or val_results["val.top1"] > best_top1
-                best_top1 = val_results["val.top1"] if is_best else best_top1
+            epoch_results, is_best = _finish_epoch(session, epoch, train_results)
             history.append(epoch_results)
-            report.log([epoch], epoch_results)
-            _save(args, context, trainer, epoch + 1, best_top1, is_best, ema, loaders.classes)
             epochs_without_better_top1 = 0 if is_best else epochs_without_better_top1 + 1
             if 0 < args.early_stopping_patience <= epochs_without_better_top1 and epoch + 1 < last_epoch:
                 logger.info("early stopping after epoch %d: no better top-1 in %d epochs (--early-stopping-patience)",
                             epoch + 1, epochs_without_better_top1)
                 break
-    report.log([], run_summary(history, keys))
+    report.log([], run_summary(history, session.keys))
     report.close()
     if context.is_main:
         logger.info("done: best top-1 %s; report: %s; checkpoints in %s",
-                    "n/a" if best_top1 is None else f"{best_top1:.2f} %", report_path, os.path.abspath(args.workspace))
-    return 0
+                    "n/a" if session.best_top1 is None else f"{session.best_top1:.2f} %", session.report_path,
+                    os.path.abspath(args.workspace))
+    return _result(session, 0, session.best_top1)
+
+
+def _finish_epoch(session: _Session, epoch: int, train_results: dict):
+    """Validate a trained epoch (unless --training-only), log its line, save its checkpoints; (its metrics, whether
+    its top-1 is the best so far)."""
+    args = session.args
+    epoch_results = {**dict.fromkeys(session.keys), **train_results}
+    is_best = False
+    if not args.training_only:
+        val_results = _validate(session, epoch)
+        epoch_results.update(val_results)
+        is_best = session.best_top1 is None or val_results["val.top1"] > session.best_top1
+        session.best_top1 = val_results["val.top1"] if is_best else session.best_top1
+    session.report.log([epoch], epoch_results)
+    _save(session, epoch + 1, is_best)
+    return epoch_results, is_best
+
+
+def _stopped(session: _Session, epoch: int, signum: Optional[int]) -> RunResult:
+    """A signal stopped ``epoch``: save where it is (not as a numbered epoch), close the report; exit 128 + signal."""
+    args = session.args
+    _save(session, epoch, False, numbered=False)
+    session.report.close()
+    status = 128 + (signum or signal.SIGTERM)
+    logger.info("stopped during epoch %d (exit status %d); resume with --resume %s", epoch, status,
+                os.path.join(args.workspace, args.checkpoint_filename))
+    return _result(session, status, session.best_top1)
+
+
+def _result(session: _Session, status: int, best_top1: Optional[float]) -> RunResult:
+    args, report = session.args, session.report
+    summary = dict(report.summary)
+    throughput = summary.get("val.total_ips" if args.evaluate else "train.total_ips")
+    writes = args.save_checkpoints and not args.evaluate and session.context.is_main
+    return RunResult(status=status, best_top1=best_top1, epochs=dict(report.epochs), summary=summary,
+                     throughput=throughput, report=session.report_path if session.context.is_main else None,
+                     checkpoints=workspace.run_checkpoints(args.workspace, args.checkpoint_filename) if writes else [],
+                     workspace=args.workspace, config=args)
 
 
 def _restore(checkpoint, model, optimizer, precision, ema, context):
@@ -514,27 +590,3 @@ def _restore(checkpoint, model, optimizer, precision, ema, context):
     epoch = int(checkpoint.epoch or 0)
     logger.info("resumed from %s at epoch %d", checkpoint.path, epoch)
     return epoch, checkpoint.best_prec1
-
-
-def run_summary(epochs: List[dict], keys: List[str]) -> dict:
-    """The run summary (step ``[]``) over this run's epoch lines, every key of ``keys`` (null without data), as
-    NVIDIA's run aggregators: best top-1 and top-5, lowest losses (NVIDIA's code keeps the highest: a bug), mean
-    throughput, times and latency, the last learning rate; the latency percentiles are the highest of the epochs'
-    (exact for one validation pass)."""
-    summary = {}
-    for key in keys:
-        values = [e[key] for e in epochs if e.get(key) is not None]
-        name = key.split(".", 1)[1]
-        if not values:
-            summary[key] = None
-        elif name in ("top1", "top5"):
-            summary[key] = max(values)
-        elif name.endswith("loss") or name == "cross_entropy":
-            summary[key] = min(values)
-        elif name == "lr" or name == "images":
-            summary[key] = values[-1]
-        elif name.startswith("compute_latency_at"):
-            summary[key] = max(values)
-        else:
-            summary[key] = sum(values) / len(values)
-    return summary

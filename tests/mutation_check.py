@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -214,8 +214,8 @@ MUTANTS: List[Mutant] = [
            '"state_dict_ema": strip_prefixes(inner.state_dict()) if ema_model is not None else None,',
            tests(SETTINGS), "the checkpoint stores the model's weights as the EMA's"),
     Mutant("checkpoint-epoch-off-by-one", "image_classification/runner.py",
-           "_save(args, context, trainer, epoch + 1, best_top1, is_best, ema, loaders.classes)",
-           "_save(args, context, trainer, epoch, best_top1, is_best, ema, loaders.classes)",
+           "_save(session, epoch + 1, is_best)",
+           "_save(session, epoch, is_best)",
            tests("tests/test_engine.py", "-k", "short_run or resume_after"), "checkpoint names the epoch before"),
     Mutant("checkpoint-without-rng", "image_classification/checkpoints.py",
            '"rng": rng,', '"rng": None,',
@@ -233,7 +233,7 @@ MUTANTS: List[Mutant] = [
            "return [hits[:, : min(k, maxk)].any(dim=1).sum() for k in topk]",
            "return [hits[:, :1].any(dim=1).sum() for k in topk]",
            tests("tests/test_engine.py", "-k", "release_format"), "top-5 counts only the first guess"),
-    Mutant("export-ema-gives-the-model", "image_classification/tools.py",
+    Mutant("export-ema-gives-the-model", "image_classification/checkpoints.py",
            "        state = checkpoint.state_dict_ema", "        state = checkpoint.state_dict",
            tests("tests/test_tools.py", "-k", "checkpoint2model"), "checkpoint2model --ema exports the plain weights"),
     Mutant("classify-softmax-over-the-batch", "classify.py",

@@ -9,7 +9,7 @@ import torchvision
 import main as cli
 from image_classification import checkpoints, mobilenet
 from image_classification.models import build_model, dynamic_layers, last_batchnorms
-from image_classification.summary import summarize
+from image_classification.model_summary import summarize
 from pedconv import PEDConv2d
 from tests.data_utils import make_dataset
 from tests.model_utils import calibrate_batchnorms, meta_model
@@ -107,7 +107,7 @@ def test_checkpoint_round_trip_infers_the_architecture(arch, tmp_path):
     for file in (path, bare):  # ours (arch recorded) and a bare state_dict (arch from the keys alone)
         loaded = checkpoints.load_checkpoint(file)
         assert loaded.arch["name"] == arch and loaded.arch["dynamic"] and loaded.arch["num_classes"] == 5
-        rebuilt = loaded.build_model().eval()
+        rebuilt = checkpoints.model_from_checkpoint(loaded).eval()
         with torch.no_grad():
             torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
 
@@ -144,7 +144,7 @@ def test_one_epoch_of_pedconv_mobilenet_v2_through_main(tmp_path):
     assert cli.main(argv) == 0
     loaded = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pth.tar")
     assert loaded.arch == {"name": "mobilenet_v2", "dynamic": True, "wmul": 0.25, "num_classes": 2}
-    assert loaded.build_model().features[2].conv[1][0].groups > 1
+    assert checkpoints.model_from_checkpoint(loaded).features[2].conv[1][0].groups > 1
     # resumed for a second epoch; and torchvision's static weights starting a PEDConv model (their convs become W0)
     resumed = argv[:-1] + [str(tmp_path / "resumed"), "--resume", str(tmp_path / "run" / "checkpoint.pth.tar"),
                            "--epochs", "2"]

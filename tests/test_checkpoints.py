@@ -9,7 +9,8 @@ import torch
 import torchvision
 
 from image_classification import checkpoints
-from image_classification.checkpoints import CheckpointError, load_checkpoint, load_model_state
+from image_classification.atomic_files import current_umask
+from image_classification.checkpoints import CheckpointError, load_checkpoint, load_model_state, model_from_checkpoint
 from image_classification.models import ARCHITECTURES, build_model
 from tests.model_utils import meta_model
 from pedconv import PEDConv2d
@@ -41,7 +42,7 @@ def test_release_checkpoint_loads_strictly_and_builds_a_pedconv_model_unasked(tm
     assert checkpoint.optimizer["param_groups"][0]["momentum"] == 0.875
     fresh = build_model("resnet18", dynamic=True)
     fresh.load_state_dict(checkpoint.state_dict, strict=True)
-    rebuilt = checkpoint.build_model()  # no dynamic flag needed: told by the keys
+    rebuilt = model_from_checkpoint(checkpoint)  # no dynamic flag needed: told by the keys
     assert sum(isinstance(m, PEDConv2d) for m in rebuilt.modules()) == 16
     rebuilt_state = rebuilt.state_dict()
     for key, value in model.state_dict().items():
@@ -54,7 +55,7 @@ def test_bare_state_dicts_torchvision_and_wrapped_prefixes(tmp_path):
     checkpoint = load_checkpoint(tmp_path / "tv.pth")
     assert checkpoint.format == "state_dict"
     assert checkpoint.arch == {"name": "resnet18", "dynamic": False, "wmul": 1.0, "num_classes": 1000}
-    model = checkpoint.build_model()
+    model = model_from_checkpoint(checkpoint)
     assert torch.equal(model.fc.weight, reference.fc.weight)
     compiled_ddp = {f"module._orig_mod.{key}": value for key, value in reference.state_dict().items()}
     load_model_state(build_model("resnet18"), compiled_ddp)
@@ -79,7 +80,7 @@ def test_unknown_keys_give_no_architecture(tmp_path):
     checkpoint = load_checkpoint(tmp_path / "other.pth")
     assert checkpoint.arch["name"] is None
     with pytest.raises(CheckpointError, match="cannot tell the architecture"):
-        checkpoint.build_model()
+        model_from_checkpoint(checkpoint)
 
 
 def test_mismatch_message_lists_missing_unexpected_and_shapes_in_a_few_lines():
@@ -176,7 +177,7 @@ def test_own_format_round_trip_with_optimizer_scaler_ema_and_rng(tmp_path):
     assert checkpoint.arch == model.arch == {"name": "resnet18", "dynamic": True, "wmul": 0.25, "num_classes": 10}
     assert (checkpoint.epoch, checkpoint.best_prec1) == (5, 42.0)
     assert not any(key.startswith("module.") for key in checkpoint.state_dict)
-    rebuilt = checkpoint.build_model()
+    rebuilt = model_from_checkpoint(checkpoint)
     rebuilt_state = rebuilt.state_dict()
     assert all(torch.equal(rebuilt_state[k], v) for k, v in model.state_dict().items())
     torch.optim.SGD(rebuilt.parameters(), lr=0.1, momentum=0.9).load_state_dict(checkpoint.optimizer)
@@ -190,7 +191,7 @@ def test_own_format_round_trip_with_optimizer_scaler_ema_and_rng(tmp_path):
 def test_a_failed_save_keeps_the_previous_file(tmp_path):
     path = tmp_path / "checkpoint.pth.tar"
     checkpoints.save_checkpoint({"epoch": 1}, path)
-    assert path.stat().st_mode & 0o777 == 0o666 & ~checkpoints.current_umask()  # not mkstemp's private mode
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # not mkstemp's private mode
     with pytest.raises(Exception):
         checkpoints.save_checkpoint({"epoch": 2, "bad": lambda: None}, path)
     assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]

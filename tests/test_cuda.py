@@ -183,7 +183,7 @@ def test_checkpoint_written_on_cuda_reads_on_the_cpu(tmp_path):
     checkpoints.save_checkpoint(state, str(tmp_path / "checkpoint.pth.tar"))
     loaded = checkpoints.load_checkpoint(str(tmp_path / "checkpoint.pth.tar"))
     assert all(t.device.type == "cpu" for t in loaded.state_dict.values())
-    model = loaded.build_model().eval()
+    model = checkpoints.model_from_checkpoint(loaded).eval()
     reference = build_model("resnet18", dynamic=True, num_classes=10, wmul=0.25)
     reference.load_state_dict({k: v.cpu() for k, v in trainer.model.state_dict().items()})
     x = torch.randn(2, 3, 64, 64)

@@ -81,7 +81,7 @@ def test_nvidia_resnet50_checkpoints_load_and_give_their_logits(nvidia):
         assert checkpoint.arch == {"name": "resnet50", "dynamic": False, "wmul": 1.0, "num_classes": 1000}, kind
         assert not [key for key in checkpoint.state_dict if key.startswith("layers.")]
         if kind == "full":
-            model = checkpoint.build_model().eval()
+            model = checkpoints.model_from_checkpoint(checkpoint).eval()
             with torch.no_grad():
                 torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-4)
         else:
@@ -100,13 +100,13 @@ def test_checkpoint2model_writes_torchvision_names_that_torchvision_loads(nvidia
         expected = reference.eval()(images)
         torch.testing.assert_close(expected, nvidia_resnet50_forward(nvidia["state"], images), rtol=1e-4, atol=1e-4)
         # and torchvision's ResNet-50 weights (this file is one) load here with torchvision's logits
-        ours = checkpoints.load_checkpoint(out).build_model().eval()
+        ours = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(out)).eval()
         torch.testing.assert_close(ours(images), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_their_optimizer_state_lands_on_the_same_parameters(nvidia):
     checkpoint = checkpoints.load_checkpoint(nvidia["full"])
-    model = checkpoint.build_model()
+    model = checkpoints.model_from_checkpoint(checkpoint)
     optimizer = build_optimizer(model, "sgd", 0.1, 0.875, 3e-5)
     assert checkpoints.load_foreign_optimizer_state(optimizer, model, checkpoint) == 161  # every parameter
     by_our_name = checkpoints.from_nvidia_names(nvidia["buffers"])
@@ -179,7 +179,7 @@ def test_torchvision_weights_load_with_their_logits(torchvision_resnet18):
     assert checkpoint.arch == {"name": "resnet18", "dynamic": False, "wmul": 1.0, "num_classes": 1000}
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(checkpoint.build_model().eval()(images), reference(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(checkpoints.model_from_checkpoint(checkpoint).eval()(images), reference(images), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import main as cli
 from image_classification import checkpoints, efficientnet
 from image_classification.models import build_model, dynamic_layers, last_batchnorms
 from image_classification.optim import build_optimizer
-from image_classification.summary import summarize
+from image_classification.model_summary import summarize
 from pedconv import PEDConv2d
 from tests.data_utils import make_dataset
 from tests.model_utils import calibrate_batchnorms, meta_model
@@ -196,7 +196,7 @@ def test_cpu_recipe_trains_an_epoch_and_its_weights_start_a_pedconv_run(tmp_path
                  "--pretrained-from-file", str(tmp_path / "static" / "checkpoint.pth.tar")]
     assert cli.main(finetuned) == 0
     dynamic = checkpoints.load_checkpoint(tmp_path / "dynamic" / "checkpoint.pth.tar")
-    assert dynamic.arch["dynamic"] and isinstance(dynamic.build_model().layer2.block0.depsep.conv, PEDConv2d)
+    assert dynamic.arch["dynamic"] and isinstance(checkpoints.model_from_checkpoint(dynamic).layer2.block0.depsep.conv, PEDConv2d)
 
 
 def test_their_rmsprop_state_resumes_into_ours(tmp_path):
@@ -215,7 +215,7 @@ def test_their_rmsprop_state_resumes_into_ours(tmp_path):
     torch.save({"epoch": 2, "arch": arch, "state_dict": {f"module.{k}": v for k, v in state.items()},
                 "best_prec1": 1.0, "optimizer": theirs.state_dict()}, path)
     checkpoint = checkpoints.load_checkpoint(path)
-    model = checkpoint.build_model()
+    model = checkpoints.model_from_checkpoint(checkpoint)
     ours = build_optimizer(model, "rmsprop", 0.08, 0.9, 1e-5, rmsprop_alpha=0.9, rmsprop_eps=0.01)
     assert checkpoints.load_foreign_optimizer_state(ours, model, checkpoint) == len(names)
     square_avg = ours.state[model.layer6.block3.se.expand.weight]["square_avg"]

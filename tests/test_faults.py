@@ -27,7 +27,7 @@ import export_onnx
 import main as cli
 from dataloading import DataError, LoaderOptions, get_loaders, integrity, list_image_folder
 from dataloading.dali import dali_available
-from image_classification import checkpoints
+from image_classification import atomic_files, checkpoints
 from image_classification.dllog import Report, read_report
 from image_classification.models import build_model
 from image_classification.report import load_run
@@ -56,7 +56,7 @@ def one_line_error(capsys) -> str:
 
 
 def temporaries(folder: Path):
-    return [p.name for p in folder.iterdir() if checkpoints.TEMPORARY_NAME.match(p.name)]
+    return [p.name for p in folder.iterdir() if atomic_files.TEMPORARY_NAME.match(p.name)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def temporaries(folder: Path):
 
 KILLING_RUN = textwrap.dedent("""
     import os, signal, sys
-    from image_classification import checkpoints, training
+    from image_classification import atomic_files, checkpoints, training
 
     def validate(self, loader, epoch, model=None, prefix="val"):  # every epoch a new best: 10, 20, 30 %
         return {f"{prefix}.top1": 10.0 * (epoch + 1), f"{prefix}.top5": 100.0, f"{prefix}.loss": 1.0}
@@ -77,7 +77,7 @@ KILLING_RUN = textwrap.dedent("""
         if os.path.basename(path) == "model_best.pth.tar":
             saves.append(path)
             if len(saves) == kill_at:  # killed halfway through writing the file
-                with checkpoints.atomic_path(path) as temporary, open(temporary, "wb") as stream:
+                with atomic_files.atomic_path(path) as temporary, open(temporary, "wb") as stream:
                     stream.write(b"PK half a checkpoint")
                     stream.flush()
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -125,7 +125,7 @@ def test_3_only_this_projects_temporaries_of_dead_writers_are_removed(tmp_path):
     nested.parent.mkdir()
     for path in [stale, live, nested, *others]:
         path.write_bytes(b"x")
-    assert checkpoints.remove_stale_temporaries(str(tmp_path)) == [str(stale)]
+    assert atomic_files.remove_stale_temporaries(str(tmp_path)) == [str(stale)]
     assert not stale.exists() and live.exists() and nested.exists() and all(p.exists() for p in others)
 
 

@@ -11,7 +11,7 @@ import torchvision
 import pedconv
 from image_classification import models
 from image_classification.models import ARCHITECTURES, BasicBlock, ResNet, build_model
-from image_classification.summary import count_params
+from image_classification.model_summary import count_params
 from tests.model_utils import meta_model, shapes_only
 from pedconv import PEDConv2d
 

@@ -1,6 +1,5 @@
 """tests/mutation_check.py's mutants follow the code: each one's original text occurs exactly once in its file (a
 change that moves or rewrites such a line must update the mutant, or the mutation check would report it stale)."""
-from pathlib import Path
 
 import pytest
 

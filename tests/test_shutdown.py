@@ -1,6 +1,5 @@
 """The end of a run: the loaders' workers stop, the ranks meet, the process group goes, and a distributed
 process leaves without the interpreter's shutdown (issue 23: an abort at exit in 2-process gloo runs)."""
-import argparse
 import multiprocessing
 import subprocess
 import sys
@@ -39,7 +38,7 @@ def test_a_finished_run_closes_its_loaders_then_meets_the_other_ranks_then_leave
         return 0
 
     monkeypatch.setattr(runner, "_run", finished)
-    assert runner.run(argparse.Namespace(device="cpu")) == 0
+    assert runner.run(cli.run_config(["unused", "--device", "cpu"])) == 0
     assert two_rank_calls == ["trained", "close loaders", "barrier", "destroy"]
 
 
@@ -50,7 +49,7 @@ def test_a_failed_run_closes_its_loaders_and_leaves_without_waiting_for_the_othe
 
     monkeypatch.setattr(runner, "_run", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        runner.run(argparse.Namespace(device="cpu"))
+        runner.run(cli.run_config(["unused", "--device", "cpu"]))
     # no barrier: a rank that failed would leave the others waiting in it
     assert two_rank_calls == ["close loaders", "destroy"]
 

@@ -16,9 +16,9 @@ import export_onnx
 import main as cli
 from benchmarks import throughput
 from image_classification import report
-from image_classification.checkpoints import load_checkpoint
+from image_classification.atomic_files import current_umask
+from image_classification.checkpoints import load_checkpoint, model_from_checkpoint
 from image_classification.models import build_model
-from image_classification.checkpoints import current_umask
 from tests.data_utils import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_classify_top5_from_our_checkpoint_matches_the_model(trained, capsys):
         assert len(top) == 5 and probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1 + 1e-6
         assert all(t["name"] == CLASSES[t["class"]] for t in top)  # names from the checkpoint's classes entry
     # same preprocessing as the validation loader: the first val image is a_0000, the last f_0001
-    model = load_checkpoint(checkpoint).build_model().eval()
+    model = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
     with torch.no_grad():
         expected = torch.softmax(model(val_batch(root)), dim=1)
     for result, row in zip(results, (expected[0], expected[-1])):
@@ -173,7 +173,7 @@ def test_onnx_export_keeps_a_dynamic_batch_and_matches_pytorch_at_batch_1_and_7(
     graph = onnx.load(str(out)).graph
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     assert graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    model = load_checkpoint(source).build_model().eval()
+    model = model_from_checkpoint(load_checkpoint(source)).eval()
     assert model.arch["dynamic"] == (kind == "pedconv")
     differences = export_onnx.compare(model, str(out), 32, (1, 7))
     with torch.no_grad():

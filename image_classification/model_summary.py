@@ -1,7 +1,8 @@
-"""Model summary: parameters, parameters without the info-max decoders, multiply-adds per image.
+"""Model summary: parameters, parameters without the info-max decoders, multiply-adds per image (not the run
+summary of a report: see dllog.run_summary).
 
-    python -m image_classification.summary --arch resnet18 --dynamic
-    python -m image_classification.summary --arch resnet50 --dynamic --image-size 224
+    python -m image_classification.model_summary --arch resnet18 --dynamic
+    python -m image_classification.model_summary --arch resnet50 --dynamic --image-size 224
 
 Multiply-adds come from ``torch.utils.flop_counter.FlopCounterMode`` over one eval-mode forward of one image: it
 counts 2 FLOPs per multiply-add of convolutions and matrix products (``aten.convolution``, ``mm``, ``addmm``,

@@ -1,7 +1,7 @@
 """The model summary against the spec's table (parameters, without decoders, multiply-adds at 224x224)."""
 import pytest
 
-from image_classification import summary
+from image_classification import model_summary
 from image_classification.models import build_model
 
 
@@ -14,7 +14,7 @@ from image_classification.models import build_model
 def test_summary_matches_the_specs_table(arch, dynamic, params, inference, gmacs):
     model = build_model(arch, dynamic=dynamic)
     model.train()
-    result = summary.summarize(model)
+    result = model_summary.summarize(model)
     assert (result.params, result.params_without_decoders) == (params, inference)
     assert round(result.macs / 1e9, 4) == gmacs
     assert result.dynamic_layers == {"resnet18": 16, "resnet50": 48}[arch] * dynamic
@@ -22,7 +22,7 @@ def test_summary_matches_the_specs_table(arch, dynamic, params, inference, gmacs
 
 
 def test_summary_command(capsys):
-    summary.main(["--arch", "resnet18", "--dynamic", "--image-size", "224"])
+    model_summary.main(["--arch", "resnet18", "--dynamic", "--image-size", "224"])
     text = capsys.readouterr().out
     assert "PEDConv-resnet18: 16 PEDConv layers" in text
     assert "12,140,744" in text and "11,917,120" in text and "1.8143 G" in text
