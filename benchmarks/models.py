@@ -11,7 +11,11 @@ already hold. Ratios are within one run:
     python benchmarks/models.py --arch resnet18 -b 16 --no-reference --profile   # where the extra time goes
     python benchmarks/models.py --arch resnet18 -b 16 --iters 1 --no-memory --saved   # where the extra memory goes
 
-On a GPU the three variants are also measured under AMP (float16 autocast, GradScaler) with channels_last. PEDConv's
+    python benchmarks/models.py --arch resnet18 -b 16 --no-reference --compile   # also under torch.compile
+
+On a GPU the three variants are also measured under AMP (float16 autocast, GradScaler) with channels_last. With
+``--compile`` the static and fast models are also measured compiled (``torch.compile``, default mode), and the first
+compiled step (the compilation) is timed on its own. PEDConv's
 ``auto`` measures its paths in the first (warm-up) step; the run prints the path chosen for each layer and what the
 measuring cost, in steps of the model. ``PEDCONV_AUTOTUNE=0`` runs the fixed rule instead.
 """
@@ -21,6 +25,7 @@ import argparse
 import collections
 import os
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -171,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--profile", action="store_true", help="print the top operators of static and fast steps")
     parser.add_argument("--profile-rows", type=int, default=15)
+    parser.add_argument("--compile", action="store_true",
+                        help="also the static and fast models under torch.compile, with the first (compiling) step timed")
     parser.add_argument("--saved", action="store_true",
                         help="print what the convs save for the backward, static vs fast, by stage and kernel")
     add_malloc_argument(parser)
@@ -183,7 +190,21 @@ def variants(args, device, kinds) -> list:
     chosen = [(kind, kind, False, args.channels_last) for kind in kinds]
     if device.type == "cuda":
         chosen += [(f"{kind}+amp+nhwc", kind, True, True) for kind in kinds]
+    if args.compile:
+        chosen += [(f"{kind}+compile", kind, False, args.channels_last) for kind in ("static", "fast")]
     return chosen
+
+
+def first_steps(steps: dict) -> dict:
+    """Seconds of the first step of each compiled variant (the compilation, and PEDConv's measuring), run before
+    the timed turns."""
+    seconds = {}
+    for label, step in steps.items():
+        if label.endswith("+compile"):
+            start = time.perf_counter()
+            step()
+            seconds[label] = time.perf_counter() - start
+    return seconds
 
 
 def print_ratios(times: dict, memory: dict, chosen: list, kinds: list) -> None:
@@ -192,11 +213,13 @@ def print_ratios(times: dict, memory: dict, chosen: list, kinds: list) -> None:
         base = f"static{suffix}"
         for kind in kinds[1:]:
             label = f"{kind}{suffix}"
+            if label not in times:
+                continue
             text = f"RATIO time {label}/{base} = {times[label] / times[base]:.3f}"
             if memory:
                 text += f"   memory {label}/{base} = {memory[label] / memory[base]:.3f}"
             print(text)
-        if "reference" in kinds:
+        if "reference" in kinds and f"reference{suffix}" in times:
             print(f"RATIO time reference{suffix}/fast{suffix} = "
                   f"{times[f'reference{suffix}'] / times[f'fast{suffix}']:.3f}")
 
@@ -211,6 +234,8 @@ def main(argv=None):
     steps, fast_model, fast_inputs = {}, None, {}
     for label, kind, amp, channels_last in chosen:
         model = build_variant(kind, args.arch, device, args.wmul, channels_last)
+        if label.endswith("+compile"):
+            model = torch.compile(model)
         steps[label] = make_train_step(model, args.batch_size, args.image_size, device, amp, channels_last)
         if label == "fast":
             fast_model, fast_inputs = model, record_inputs(model)
@@ -218,6 +243,11 @@ def main(argv=None):
     print(f"# {args.arch} x{args.wmul:g}, batch {args.batch_size}, {args.image_size}px, {device}, threads "
           f"{torch.get_num_threads()}, {'channels_last' if args.channels_last else 'nchw'}; malloc {malloc}; "
           f"training step (forward, loss, backward, SGD), median of {args.iters}, variants interleaved")
+    compiling = first_steps(steps)
+    for label, seconds in compiling.items():
+        print(f"{label:>22}: first step {seconds:.1f} s")
+    if len(compiling) == 2:
+        print(f"RATIO first compiled step fast/static = {compiling['fast+compile'] / compiling['static+compile']:.3f}")
     times = median_times(steps, device, args.iters, args.warmup)
     memory = {} if args.no_memory else {label: peak_memory(step, device) for label, step in steps.items()}
     for label in steps:
