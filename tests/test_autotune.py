@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import pedconv
 import pedconv.functional as functional
+from image_classification.distributed import exit_process
 from pedconv import PEDConv2d, autotune
 
 
@@ -234,6 +235,9 @@ def _ranks_agree_worker(rank, world_size, store, results, costs):
                        "report": pedconv.autotune_report()}, file)
     finally:
         torch.distributed.destroy_process_group()
+    # As the engine's ranks do: gloo's threads can outlive destroy_process_group, and a rank that then leaves through
+    # the interpreter's shutdown aborted (SIGABRT) in about 1 run in 5 of this test.
+    exit_process(0)
 
 
 def test_ddp_ranks_take_rank_zeros_choices(tmp_path, monkeypatch):

@@ -140,19 +140,12 @@ def _unfold_backward(grad_out: Tensor, x: Tensor, weight: Tensor, gate_out: Tens
     False."""
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     out_size = _unfold_out_size(x, weight, stride, padding, dilation)
-    kernel, x_shape, x_format = tuple(weight.shape[-2:]), tuple(x.shape), memory_format_of(x)
+    kernel, x_shape = tuple(weight.shape[-2:]), tuple(x.shape)
     windows, scale, weight_rows, chunks, buffer = _unfold_setup(
         x, weight, gate_in, gate_tap, stride, padding, dilation, out_size)
-    batch = x_shape[0]
-    out_channels, in_channels, kh, kw = weight.shape
+    batch, (kh, kw), in_channels = x_shape[0], kernel, x_shape[1]
     rows = out_size[0] * out_size[1]
-    # NHWC rows of the incoming gradient; a copy only when the caller's layout is NCHW.
-    grad_out_rows = grad_out.to(raw.dtype).permute(0, 2, 3, 1).reshape(batch, rows, out_channels)
-    grad_gate_out = grad_x = grad_weight = grad_gate_in = grad_gate_tap = None
-    if needs[2]:
-        grad_gate_out = (grad_out_rows * raw.view(batch, rows, out_channels)).sum(1)
-    raw_grad_rows = (grad_out_rows * gate_out.view(batch, 1, out_channels)).reshape(-1, out_channels)
-    del grad_out_rows
+    grad_gate_out, raw_grad_rows = _output_gate_grads(grad_out, raw, gate_out, needs[2])
     need_weight = needs[1]
     need_x, need_in, need_tap = needs[0], needs[3], needs[4]
     need_columns_grad = need_x or need_in or need_tap
@@ -184,20 +177,43 @@ def _unfold_backward(grad_out: Tensor, x: Tensor, weight: Tensor, gate_out: Tens
             if need_in or need_tap:
                 # In place: the column gradient is not needed after the col2im above.
                 torch.sum(grad_columns.mul_(windows[start:stop]), (1, 2), out=grad_scale[start:stop])
-    if need_weight:
+    grad_x, grad_weight, grad_gate_in, grad_gate_tap = _gradients_from_sums(
+        x, weight, gate_in, gate_tap, padding, grad_padded, grad_weight_rows, grad_scale, needs)
+    return tuple(g if g is not None else x.new_empty(0)
+                 for g in (grad_x, grad_weight, grad_gate_out, grad_gate_in, grad_gate_tap))
+
+
+def _output_gate_grads(grad_out, raw, gate_out, need_gate_out: bool):
+    """The output gate's gradient (None unless needed) and the raw output's, as NHWC rows (B*Ho*Wo, Cout)."""
+    batch, out_channels = grad_out.shape[:2]
+    # NHWC rows of the incoming gradient; a copy only when the caller's layout is NCHW.
+    grad_out_rows = grad_out.to(raw.dtype).permute(0, 2, 3, 1).reshape(batch, -1, out_channels)
+    grad_gate_out = None
+    if need_gate_out:
+        grad_gate_out = (grad_out_rows * raw.view(batch, -1, out_channels)).sum(1)
+    return grad_gate_out, (grad_out_rows * gate_out.view(batch, 1, out_channels)).reshape(-1, out_channels)
+
+
+def _gradients_from_sums(x, weight, gate_in, gate_tap, padding, grad_padded, grad_weight_rows, grad_scale, needs):
+    """The gradients of x, the weight, the input and the tap gates (None where not needed) from what the chunks
+    summed: the padded NHWC input gradient before the input gate, the weight gradient's (Cout, kh*kw*Cin) rows, and
+    the columns' gate-scale gradient (B, kh, kw, Cin)."""
+    batch = x.shape[0]
+    out_channels, in_channels, kh, kw = weight.shape
+    grad_x = grad_weight = grad_gate_in = grad_gate_tap = None
+    if needs[1]:
         grad_weight = grad_weight_rows.to(weight.dtype).view(out_channels, kh, kw, in_channels)
         grad_weight = grad_weight.permute(0, 3, 1, 2)
         grad_weight = grad_weight.contiguous(memory_format=memory_format_of(weight))
-    if need_x:
-        interior = _interior(grad_padded, padding, x_shape[-2:])
-        grad_x = torch.empty(x_shape, dtype=x.dtype, device=x.device, memory_format=x_format)
+    if needs[0]:
+        interior = _interior(grad_padded, padding, x.shape[-2:])
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
         torch.mul(interior.permute(0, 3, 1, 2), gate_in.view(batch, -1, 1, 1), out=grad_x)
-    if need_in:
+    if needs[3]:
         grad_gate_in = (grad_scale * gate_tap.view(batch, kh, kw, 1)).sum((1, 2))
-    if need_tap:
+    if needs[4]:
         grad_gate_tap = (grad_scale * gate_in.view(batch, 1, 1, -1)).sum(3).view(batch, -1)
-    return tuple(g if g is not None else x.new_empty(0)
-                 for g in (grad_x, grad_weight, grad_gate_out, grad_gate_in, grad_gate_tap))
+    return grad_x, grad_weight, grad_gate_in, grad_gate_tap
 
 
 @_unfold_backward.register_fake

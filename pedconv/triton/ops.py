@@ -179,38 +179,53 @@ def triton_conv2d_backward(
     out_size = tuple(grad.shape[-2:])
     args = _conv_args(x, weight, stride, padding, dilation, out_size)
     dot_dtype, precision = _dot_dtype(x.dtype, interpret), _input_precision(x.dtype)
+    launch = dict(built=built, args=args, dot_dtype=dot_dtype, precision=precision)
     if need_x:
-        stride_classes = stride[0] * stride[1]
-        # Pixels per stride class: the class (0, 0) is the largest.
-        class_pixels = -(-x.shape[2] // stride[0]) * -(-x.shape[3] // stride[1])
-
-        def grid(meta):
-            return (triton.cdiv(class_pixels, meta["BLOCK_M"]),
-                    triton.cdiv(args["C"], meta["BLOCK_N"]), args["B"] * stride_classes)
-
-        weight_by_input = _weight_along(weight, 1)  # the B operand's tile: output channels x input channels
-        built.input_grad[grid](
-            grad, weight_by_input, gate_out, gate_in, gate_tap, grads[0],
-            **args, **_strides("sg", grad), **_weight_strides(weight_by_input),
-            DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, **built.conv_config,
-        )
+        _launch_input_grad(grad, weight, gate_out, gate_in, gate_tap, grads[0], stride, tuple(x.shape), **launch)
     if need_weight or need_out or need_in or need_tap:
-        weight_grad = grads[1] if need_weight else _fp32_weight_grad_placeholder(weight)
-
-        def grid(meta):
-            return (triton.cdiv(args["O"], meta["BLOCK_O"]) * triton.cdiv(args["C"], meta["BLOCK_C"]),
-                    args["KH"] * args["KW"], triton.cdiv(args["B"], meta["SAMPLES"]))
-
-        built.weight_grad[grid](
-            grad, x, raw if need_out else grad, weight, gate_out, gate_in, gate_tap,
-            weight_grad, grads[2], grads[3], grads[4],
-            **args, **_strides("sg", grad), **_strides("sx", x), **_weight_strides(weight),
-            NEED_WEIGHT=need_weight, NEED_OUT=need_out, NEED_IN=need_in, NEED_TAP=need_tap,
-            DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, **built.weight_config,
-        )
+        _launch_weight_grad(grad, x, raw, weight, gate_out, gate_in, gate_tap, grads, output_mask, **launch)
     if need_weight:
         grads[1] = grads[1].to(weight.dtype)
     return grads
+
+
+def _launch_input_grad(grad, weight, gate_out, gate_in, gate_tap, grad_x, stride, x_shape, *, built, args, dot_dtype,
+                       precision) -> None:
+    """The input-gradient kernel, into ``grad_x``: one program per tile of one stride class of one sample."""
+    stride_classes = stride[0] * stride[1]
+    # Pixels per stride class: the class (0, 0) is the largest.
+    class_pixels = -(-x_shape[2] // stride[0]) * -(-x_shape[3] // stride[1])
+
+    def grid(meta):
+        return (triton.cdiv(class_pixels, meta["BLOCK_M"]),
+                triton.cdiv(args["C"], meta["BLOCK_N"]), args["B"] * stride_classes)
+
+    weight_by_input = _weight_along(weight, 1)  # the B operand's tile: output channels x input channels
+    built.input_grad[grid](
+        grad, weight_by_input, gate_out, gate_in, gate_tap, grad_x,
+        **args, **_strides("sg", grad), **_weight_strides(weight_by_input),
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, **built.conv_config,
+    )
+
+
+def _launch_weight_grad(grad, x, raw, weight, gate_out, gate_in, gate_tap, grads, output_mask, *, built, args,
+                        dot_dtype, precision) -> None:
+    """The kernel that sums the per-sample partial weight gradients into the weight's and the gates' gradients
+    (``grads[1:]``, those that ``output_mask`` asks for)."""
+    _, need_weight, need_out, need_in, need_tap = output_mask
+    weight_grad = grads[1] if need_weight else _fp32_weight_grad_placeholder(weight)
+
+    def grid(meta):
+        return (triton.cdiv(args["O"], meta["BLOCK_O"]) * triton.cdiv(args["C"], meta["BLOCK_C"]),
+                args["KH"] * args["KW"], triton.cdiv(args["B"], meta["SAMPLES"]))
+
+    built.weight_grad[grid](
+        grad, x, raw if need_out else grad, weight, gate_out, gate_in, gate_tap,
+        weight_grad, grads[2], grads[3], grads[4],
+        **args, **_strides("sg", grad), **_strides("sx", x), **_weight_strides(weight),
+        NEED_WEIGHT=need_weight, NEED_OUT=need_out, NEED_IN=need_in, NEED_TAP=need_tap,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, **built.weight_config,
+    )
 
 
 def _backward_buffers(x, weight, gate_out, gate_in, gate_tap, output_mask) -> List[torch.Tensor]:
