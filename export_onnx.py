@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from image_classification.atomic_files import atomic_output
-from image_classification.checkpoints import (DEFAULT_PREPROCESSING, checkpoint_preprocessing, load_checkpoint,
+from image_classification.checkpoints import (checkpoint_preprocessing, default_preprocessing, load_checkpoint,
                                               model_from_checkpoint)
 from image_classification.models import build_model, check_arch
 from image_classification.tools import ToolError, ToolParser, quiet_logging, tool_main
@@ -122,7 +122,7 @@ def _model(args) -> nn.Module:
         checkpoint = load_checkpoint(args.checkpoint)
         args.image_size = checkpoint_preprocessing(checkpoint, image_size=args.image_size)["image_size"]
         return model_from_checkpoint(checkpoint, ema=args.ema, arch=args.arch, allow_nonfinite=args.allow_nonfinite)
-    args.image_size = args.image_size or DEFAULT_PREPROCESSING["image_size"]
+    args.image_size = args.image_size or default_preprocessing(args.arch)["image_size"]
     if not args.arch:
         raise ToolError("no model: give --pretrained-from-file PATH, or --arch NAME for random weights")
     if args.ema:

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--prefetch", type=int, default=2, help="batches prefetched per worker / DALI queue depth")
     data.add_argument("--image-size", type=int, default=None,
                       help="training and validation crop size (default: for --evaluate and --resume the checkpoint's, "
-                           "else 224)")
+                           "else the architecture's: 224, efficientnet-b4 380)")
     data.add_argument("--interpolation", default=None, choices=choices.INTERPOLATIONS,
                       help="resize interpolation (default: for --evaluate and --resume the checkpoint's, else bilinear)")
     data.add_argument("--augmentation", default=None, choices=["autoaugment"],

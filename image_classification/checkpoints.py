@@ -48,7 +48,8 @@ from errors import UserError
 
 from . import efficientnet, mobilenet
 from .atomic_files import atomic_path
-from .models import ARCHITECTURES, BasicBlock, Bottleneck, _LAYOUTS, build_model, check_arch, stage_widths
+from .models import (ARCHITECTURES, BasicBlock, Bottleneck, _LAYOUTS, build_model, check_arch, default_image_size,
+                     stage_widths)
 
 logger = logging.getLogger(__name__)
 
@@ -438,14 +439,19 @@ def checkpoint_classes(checkpoint: Checkpoint) -> Optional[List[str]]:
 DEFAULT_PREPROCESSING = {"image_size": 224, "interpolation": "bilinear"}
 
 
+def default_preprocessing(arch: Optional[str]) -> dict:
+    """DLE's defaults for an architecture: bilinear, and its own crop size (224; efficientnet-b4: 380)."""
+    return dict(DEFAULT_PREPROCESSING, image_size=default_image_size(arch))
+
+
 def checkpoint_preprocessing(checkpoint: Checkpoint, **given) -> dict:
     """``image_size`` and ``interpolation`` for a checkpoint's model: a value given (not None) wins, with a warning
     when it differs from the one the checkpoint records (main.py stores how its images were prepared); otherwise
-    the recorded value, else DLE's default (224, bilinear)."""
+    the recorded value, else DLE's default for its architecture (:func:`default_preprocessing`)."""
     stored = checkpoint.extra.get("preprocessing")
     stored = stored if isinstance(stored, dict) else {}
     chosen = {}
-    for name, default in DEFAULT_PREPROCESSING.items():
+    for name, default in default_preprocessing(checkpoint.arch.get("name")).items():
         value, recorded = given.get(name), stored.get(name)
         if value is None:
             chosen[name] = recorded if recorded is not None else default

@@ -374,6 +374,14 @@ _OTHER_FAMILIES = tuple(_CONVERTED_FAMILIES)
 ARCHITECTURES = choices.ARCHITECTURES
 
 
+def default_image_size(arch: Optional[str]) -> int:
+    """The crop size a run uses when none is given, as NVIDIA's main.py takes it from the architecture: 224, and
+    an EfficientNet's own (efficientnet-b4: 380)."""
+    if arch in efficientnet.VARIANTS:
+        return efficientnet.VARIANTS[arch].image_size
+    return 224
+
+
 def check_arch(name: str) -> str:
     """``name`` if it is one of :data:`ARCHITECTURES`, else a UserError naming the valid ones."""
     if name not in ARCHITECTURES:

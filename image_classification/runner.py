@@ -155,13 +155,14 @@ def _initial_weights(args) -> Optional[checkpoints.Checkpoint]:
 
 def _choose_preprocessing(args, checkpoint: Optional[checkpoints.Checkpoint]) -> None:
     """--image-size and --interpolation: as given, else (evaluating or resuming) what the checkpoint records, else
-    224 and bilinear; a flag that differs from the checkpoint's record is obeyed with a warning."""
+    the architecture's defaults (bilinear, 224; efficientnet-b4: 380, as NVIDIA's main.py); a flag that differs
+    from the checkpoint's record is obeyed with a warning."""
     given = {"image_size": args.image_size, "interpolation": args.interpolation}
     if checkpoint is not None and (args.evaluate or args.resume):
         chosen = checkpoints.checkpoint_preprocessing(checkpoint, **given)
     else:
-        chosen = {name: checkpoints.DEFAULT_PREPROCESSING[name] if value is None else value
-                  for name, value in given.items()}
+        defaults = checkpoints.default_preprocessing(args.arch)
+        chosen = {name: defaults[name] if value is None else value for name, value in given.items()}
     args.image_size, args.interpolation = chosen["image_size"], chosen["interpolation"]
 
 

@@ -13,7 +13,8 @@ from image_classification.model_summary import summarize
 from pedconv import PEDConv2d
 from tests.data_utils import make_dataset
 from tests.model_utils import calibrate_batchnorms, meta_model
-from tests.nvidia_layout import RESNEXT101, nvidia_resnet_shapes
+from tests.nvidia_layout import (RESNEXT101, nvidia_optimizer_state, nvidia_parameter_names, nvidia_resnet_shapes,
+                                 random_state)
 
 NEW_ARCHS = ("mobilenet_v2", "resnext101-32x4d", "se-resnext101-32x4d")
 TINY = {"mobilenet_v2": 0.25, "resnext101-32x4d": 0.05, "se-resnext101-32x4d": 0.05,  # wmul of the tiny models
@@ -192,3 +193,42 @@ def test_pedconv_checkpoint_converts_and_exports_to_onnx_with_a_dynamic_batch(ar
         logits = model(torch.randn(3, 3, 32, 32))
     assert logits.std(0).max() > 1e-2 * logits.abs().max()  # logits that differ per image
     assert max(differences.values()) < 1e-4 * logits.abs().max(), (differences, logits.abs().max())
+
+
+@pytest.mark.parametrize("arch", ["resnext101-32x4d", "se-resnext101-32x4d"])
+def test_nvidia_resnext_checkpoint_resumes_converts_evaluates_and_classifies(arch, tmp_path, caplog, capsys):
+    """A checkpoint as NVIDIA's training writes it for their (SE-)ResNeXt-101 (their key list and parameter order,
+    DDP prefix, their SGD's state): --resume keeps the optimizer state of every parameter, checkpoint2model.py
+    converts it, and --pretrained-from-file and classify.py read the result with the checkpoint's predictions."""
+    import json
+    import logging
+
+    import checkpoint2model
+    import classify
+
+    state = random_state(nvidia_resnet_shapes(**RESNEXT101, se=arch.startswith("se-")), seed=3)
+    optimizer, _ = nvidia_optimizer_state(state)
+    source, weights = tmp_path / "checkpoint_0001.pth.tar", tmp_path / "weights.pth"
+    torch.save({"epoch": 1, "arch": arch, "best_prec1": 10.0, "optimizer": optimizer,
+                "state_dict": {f"module.{key}": value for key, value in state.items()}}, source)
+    data = make_dataset(tmp_path / "data", {"a": 2, "b": 2}, {"a": 1, "b": 1}, size_range=(36, 40))
+    common = [str(data), "--data-backend", "pytorch", "--arch", arch, "--image-size", "32", "-b", "2", "--device",
+              "cpu", "-j", "0", "--prof", "1"]
+    caplog.set_level(logging.INFO)
+    assert cli.main([*common, "--training-only", "--epochs", "2", "--workspace", str(tmp_path / "resumed"),
+                     "--resume", str(source)]) == 0
+    parameters = len(nvidia_parameter_names(state))
+    assert f"optimizer state of {parameters} of {parameters} parameters kept" in caplog.text
+    assert checkpoints.load_checkpoint(tmp_path / "resumed" / "checkpoint.pth.tar").epoch == 2
+    assert checkpoint2model.main(["--checkpoint-path", str(source), "--weight-path", str(weights)]) == 0
+    assert cli.main([*common, "--evaluate", "--workspace", str(tmp_path / "evaluated"),
+                     "--pretrained-from-file", str(weights)]) == 0
+    image = next((data / "val" / "a").glob("*.jpg"))
+    capsys.readouterr()
+    assert classify.main(["--pretrained-from-file", str(weights), "--image", str(image), "--cpu", "--image-size", "32",
+                          "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model = checkpoints.model_from_checkpoint(checkpoints.load_checkpoint(source)).eval()
+    with torch.no_grad():
+        logits = model(classify.load_images([str(image)], 32, "bilinear"))
+    assert [entry["class"] for entry in result["top"]] == logits.topk(5).indices[0].tolist()

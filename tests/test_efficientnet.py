@@ -220,3 +220,20 @@ def test_their_rmsprop_state_resumes_into_ours(tmp_path):
     assert checkpoints.load_foreign_optimizer_state(ours, model, checkpoint) == len(names)
     square_avg = ours.state[model.layer6.block3.se.expand.weight]["square_avg"]
     assert torch.equal(square_avg, theirs.state[params["layers.5.block3.se.expand.weight"]]["square_avg"])
+
+
+@pytest.mark.parametrize("arch, size", [("efficientnet-b4", 380), ("efficientnet-b0", 224), ("resnet50", 224)])
+def test_default_image_size_is_the_architectures_as_nvidias_main(arch, size, tmp_path):
+    """NVIDIA's main.py takes the crop size from the architecture when --image-size is not given (b4: 380): so do a
+    run here and a checkpoint that records no preprocessing (theirs); a given size still wins."""
+    from image_classification.runner import _choose_preprocessing
+
+    args = cli.build_parser().parse_args([str(tmp_path), "--arch", arch])
+    _choose_preprocessing(args, None)
+    assert (args.image_size, args.interpolation) == (size, "bilinear")
+    args = cli.build_parser().parse_args([str(tmp_path), "--arch", arch, "--image-size", "96"])
+    _choose_preprocessing(args, None)
+    assert args.image_size == 96
+    theirs = checkpoints.Checkpoint(path="theirs.pth.tar", format="nvidia", state_dict={},
+                                    arch={"name": arch, "dynamic": False, "wmul": 1.0, "num_classes": 1000})
+    assert checkpoints.checkpoint_preprocessing(theirs)["image_size"] == size
