@@ -24,5 +24,6 @@ DEVICES = ("auto", "cpu", "cuda")  # auto: CUDA when present, else the CPU
 LR_SCHEDULES = ("step", "linear", "cosine")
 
 # pedconv.METHODS + the paths of pedconv.PATHS that are not methods, in that order.
-PEDCONV_METHODS = ("auto", "grouped", "unfold", "taps", "reference", "triton", "grouped:chunks", "unfold:conv",
-                   "unfold:matmul", "unfold:plain", "pointwise:per-sample", "pointwise:shared")
+PEDCONV_METHODS = ("auto", "grouped", "unfold", "taps", "reference", "triton", "grouped:chunks",
+                   "grouped:per-sample-input-grad", "unfold:conv", "unfold:matmul", "unfold:plain",
+                   "pointwise:per-sample", "pointwise:shared")

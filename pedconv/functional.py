@@ -61,8 +61,8 @@ from .paths.unfold import unfold_composed, unfold_gemm
 METHODS = ("auto", "grouped", "unfold", "taps", "reference", "triton")
 # The concrete paths that a method runs on (``method`` also takes these names, e.g. ``method="unfold:matmul"``):
 # the candidates that ``auto`` measures, and what the fixed rule picks among.
-PATHS = ("grouped", "grouped:chunks", "unfold:conv", "unfold:matmul", "unfold:plain", "taps",
-         "pointwise:per-sample", "pointwise:shared")
+PATHS = ("grouped", "grouped:chunks", "grouped:per-sample-input-grad", "unfold:conv", "unfold:matmul", "unfold:plain",
+         "taps", "pointwise:per-sample", "pointwise:shared")
 
 
 def choose_method(in_channels: int, out_channels: int, kernel: IntPair, groups: int, out_size: IntPair, *,
@@ -116,8 +116,9 @@ def candidate_paths(device_type: str, batch: int, kernel: IntPair, groups: int, 
     """The paths ``auto`` measures for one layer shape: every exact fast path whose speed depends on the processor.
 
     1x1: per-sample matrices (groups 1, no padding) and the shared weight. k x k: per-sample kernels over the whole
-    batch and in chunks of ``GROUPED_CHUNK_SAMPLES`` (when the batch is larger), the shared-weight columns with the
-    products as convolutions and as matrix products (groups 1), and, for evaluation only, the per-tap path (its
+    batch and in chunks of ``GROUPED_CHUNK_SAMPLES`` (when the batch is larger), for training also with the input
+    gradient as one transposed convolution per sample (``grouped:per-sample-input-grad``), the shared-weight columns
+    with the products as convolutions and as matrix products (groups 1), and, for evaluation only, the per-tap path (its
     autograd keeps kh*kw output-sized tensors for the backward: too much memory for training). The fused ``triton``
     kernels on CUDA (groups 1).
     """
@@ -128,6 +129,8 @@ def candidate_paths(device_type: str, batch: int, kernel: IntPair, groups: int, 
         paths = ["grouped"]
         if batch > GROUPED_CHUNK_SAMPLES:
             paths.append("grouped:chunks")
+        if training:
+            paths.append("grouped:per-sample-input-grad")
         if groups == 1:
             paths += ["unfold:conv", "unfold:matmul"]
         if not training:
@@ -230,7 +233,7 @@ def run_path(path: str, x, weight, gate_out, gate_in, gate_tap, bias, stride: In
         out = fused(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation)
     elif path == "taps":
         out = taps_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups)
-    elif path in ("grouped", "grouped:chunks"):
+    elif path.startswith("grouped"):
         # Per-sample kernels, all gates folded in (the kernel is built anyway for the tap gate). In plain ops that
         # is exactly the release's computation.
         if plain_ops_only():
@@ -238,7 +241,8 @@ def run_path(path: str, x, weight, gate_out, gate_in, gate_tap, bias, stride: In
         tensors = in_one_dtype(x.contiguous(), weight, gate_out, gate_in, gate_tap)
         chunk = GROUPED_CHUNK_SAMPLES if path == "grouped:chunks" else 0
         with autocast_off(x.device.type):
-            out = grouped_forward(*tensors, list(stride), list(padding), list(dilation), groups, chunk)
+            out = grouped_forward(*tensors, list(stride), list(padding), list(dilation), groups, chunk,
+                                  path == "grouped:per-sample-input-grad")
     else:
         raise ValueError(f"unknown PEDConv path {path!r}; expected one of {', '.join(PATHS)}")
     return finish(out, bias, channels_last)

@@ -67,7 +67,8 @@ def test_choice_is_made_once_per_key_and_reused(measuring, monkeypatch):
         train_step(layer, x)
     assert autotune.TUNER.measured == 1
     # Each candidate once, the best (the only one within 3x of it) again, then the three steps on the choice.
-    assert clock.runs == ["grouped", "grouped:chunks", "unfold:conv", "unfold:matmul"] + ["unfold:matmul"] * 4
+    assert clock.runs == ["grouped", "grouped:chunks", "grouped:per-sample-input-grad", "unfold:conv",
+                          "unfold:matmul"] + ["unfold:matmul"] * 4
     assert layer.path_for(x, training=True) == "unfold:matmul"
     train_step(layer, x[:5])  # another batch of the same bucket (<= 8): same key
     assert autotune.TUNER.measured == 1
@@ -87,11 +88,13 @@ def test_candidate_sets_per_shape(monkeypatch):
                                                                              "pointwise:shared"]
     assert functional.candidate_paths("cpu", 16, (1, 1), 2, (0, 0), True) == ["pointwise:shared"]
     assert functional.candidate_paths("cpu", 16, (3, 3), 1, (1, 1), True) == [
-        "grouped", "grouped:chunks", "unfold:conv", "unfold:matmul"]
-    assert functional.candidate_paths("cpu", 16, (3, 3), 1, (1, 1), False)[-1] == "taps"  # evaluation only
-    assert functional.candidate_paths("cpu", 4, (3, 3), 1, (1, 1), True) == ["grouped", "unfold:conv",
-                                                                            "unfold:matmul"]
-    assert functional.candidate_paths("cpu", 16, (3, 3), 2, (1, 1), True) == ["grouped", "grouped:chunks"]
+        "grouped", "grouped:chunks", "grouped:per-sample-input-grad", "unfold:conv", "unfold:matmul"]
+    assert functional.candidate_paths("cpu", 16, (3, 3), 1, (1, 1), False) == [  # evaluation: forward only
+        "grouped", "grouped:chunks", "unfold:conv", "unfold:matmul", "taps"]
+    assert functional.candidate_paths("cpu", 4, (3, 3), 1, (1, 1), True) == [
+        "grouped", "grouped:per-sample-input-grad", "unfold:conv", "unfold:matmul"]
+    assert functional.candidate_paths("cpu", 16, (3, 3), 2, (1, 1), True) == [
+        "grouped", "grouped:chunks", "grouped:per-sample-input-grad"]
     assert functional.candidate_paths("cuda", 16, (3, 3), 1, (1, 1), True)[-1] == "triton"
     assert "triton" not in functional.candidate_paths("cpu", 16, (3, 3), 1, (1, 1), True)
 

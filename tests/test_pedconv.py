@@ -75,7 +75,8 @@ def assert_close(actual, expected, what):
     assert err <= 2e-5 * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
-@pytest.mark.parametrize("method", ["auto", "grouped", "unfold", "taps"])
+@pytest.mark.parametrize("method", ["auto", "grouped", "unfold", "taps", "grouped:chunks",
+                                    "grouped:per-sample-input-grad"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fast_paths_equal_reference_forward_and_gradients(name, method):
     cfg = CONFIGS[name]

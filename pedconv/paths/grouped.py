@@ -6,6 +6,7 @@ import functools
 from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .common import conv_output_size, needed
@@ -29,7 +30,8 @@ def _chunks_of(batch: int, chunk: int):
 
 @torch.library.custom_op("pedconv::grouped_forward", mutates_args=())
 def grouped_forward(x: Tensor, weight: Tensor, gate_out: Tensor, gate_in: Tensor, gate_tap: Tensor,
-                     stride: List[int], padding: List[int], dilation: List[int], groups: int, chunk: int) -> Tensor:
+                     stride: List[int], padding: List[int], dilation: List[int], groups: int, chunk: int,
+                     input_grad_per_sample: bool) -> Tensor:
     """Per-sample kernels W0 * A_b in batch-folded grouped convolutions, over the whole batch (``chunk`` 0) or
     ``chunk`` samples at a time; x contiguous, all in one dtype.
 
@@ -54,7 +56,8 @@ def grouped_forward(x: Tensor, weight: Tensor, gate_out: Tensor, gate_in: Tensor
 
 
 @grouped_forward.register_fake
-def _grouped_forward_fake(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups, chunk):
+def _grouped_forward_fake(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups, chunk,
+                          input_grad_per_sample):
     out_h, out_w = conv_output_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding, dilation)
     return x.new_empty((x.shape[0], weight.shape[0], out_h, out_w))
 
@@ -62,17 +65,18 @@ def _grouped_forward_fake(x, weight, gate_out, gate_in, gate_tap, stride, paddin
 @torch.library.custom_op("pedconv::grouped_backward", mutates_args=())
 def _grouped_backward(grad_out: Tensor, x: Tensor, weight: Tensor, gate_out: Tensor, gate_in: Tensor,
                       gate_tap: Tensor, stride: List[int], padding: List[int], dilation: List[int], groups: int,
-                      chunk: int, needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      chunk: int, input_grad_per_sample: bool,
+                      needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`grouped_forward` for x, weight and the three gates (empty where not needed)."""
     ranges = _chunks_of(x.shape[0], chunk)
     grad_out = grad_out.contiguous()
+    conv = (stride, padding, dilation, groups, input_grad_per_sample)
     if len(ranges) == 1:
-        grads = _grouped_backward_chunk(grad_out, x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation,
-                                        groups, needs)
+        grads = _grouped_backward_chunk(grad_out, x, weight, gate_out, gate_in, gate_tap, *conv, needs)
     else:
         parts = [_grouped_backward_chunk(grad_out[start:stop], x[start:stop], weight, gate_out[start:stop],
-                                         gate_in[start:stop], gate_tap[start:stop], stride, padding, dilation,
-                                         groups, needs) for start, stop in ranges]
+                                         gate_in[start:stop], gate_tap[start:stop], *conv, needs)
+                 for start, stop in ranges]
         grads = [torch.cat([p[i] for p in parts]) if needs[i] and i != 1 else None for i in range(5)]
         if needs[1]:
             grads[1] = functools.reduce(torch.add, [p[1] for p in parts])
@@ -80,9 +84,10 @@ def _grouped_backward(grad_out: Tensor, x: Tensor, weight: Tensor, gate_out: Ten
 
 
 def _grouped_backward_chunk(grad_out, x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups,
-                            needs):
+                            input_grad_per_sample, needs):
     """The grouped path's gradients for one chunk of samples: (x, weight, gate_out, gate_in, gate_tap), None where
-    not needed."""
+    not needed. ``input_grad_per_sample``: the input gradient as one transposed convolution per sample (see
+    :func:`_input_grad_per_sample`) instead of in the batch-folded convolution's backward."""
     batch, in_channels, height, width = x.shape
     out_channels, in_per_group = weight.shape[:2]
     mod = modulation(gate_out, gate_in, gate_tap).view(batch, *weight.shape)
@@ -93,10 +98,12 @@ def _grouped_backward_chunk(grad_out, x, weight, gate_out, gate_in, gate_tap, st
         x.reshape(1, batch * in_channels, height, width),
         kernels.view(-1, *weight.shape[1:]),
         None, list(stride), list(padding), list(dilation), False, [0, 0], groups * batch,
-        [needs[0], needs[1] or need_gates, False],
+        [needs[0] and not input_grad_per_sample, needs[1] or need_gates, False],
     )
     grad_weight = grad_gate_out = grad_gate_in = grad_gate_tap = None
-    if grad_x is not None:
+    if needs[0] and input_grad_per_sample:  # before the kernels' buffer is reused below
+        grad_x = _input_grad_per_sample(grad_out, kernels, x.shape, stride, padding, dilation, groups)
+    elif grad_x is not None:
         # Not a view: autograd adds the gate generator's pooling gradient into it in place only if it holds the
         # sole reference to the storage (a view keeps its base; the add was an input-sized copy per layer).
         grad_x = torch.ops.aten._unsafe_view(grad_x, x.shape)
@@ -118,23 +125,36 @@ def _grouped_backward_chunk(grad_out, x, weight, gate_out, gate_in, gate_tap, st
     return grad_x, grad_weight, grad_gate_out, grad_gate_in, grad_gate_tap
 
 
+def _input_grad_per_sample(grad_out, kernels, x_shape, stride, padding, dilation, groups):
+    """The input gradient as one transposed convolution per sample, each with its own kernel (B, Cout, Cin/G, kh,
+    kw): on some processors oneDNN's batch-folded input gradient of a strided layer converts its result's layout in
+    a pass as long as the computation itself (a measured candidate, ``grouped:per-sample-input-grad``)."""
+    output_padding = [x_shape[2 + d] - ((grad_out.shape[2 + d] - 1) * stride[d] - 2 * padding[d]
+                                        + dilation[d] * (kernels.shape[3 + d] - 1) + 1) for d in range(2)]
+    grad_x = grad_out.new_empty(x_shape)
+    for sample in range(x_shape[0]):
+        grad_x[sample] = F.conv_transpose2d(grad_out[sample : sample + 1], kernels[sample], None, stride, padding,
+                                            output_padding, groups, dilation)[0]
+    return grad_x
+
+
 @_grouped_backward.register_fake
 def _grouped_backward_fake(grad_out, x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups,
-                           chunk, needs):
+                           chunk, input_grad_per_sample, needs):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if need else t.new_empty(0)
                  for need, t in zip(needs, (x, weight, gate_out, gate_in, gate_tap)))
 
 
 def _grouped_setup_context(ctx, inputs, output):
-    x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups, chunk = inputs
+    x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups, chunk, input_grad_per_sample = inputs
     ctx.save_for_backward(x, weight, gate_out, gate_in, gate_tap)
-    ctx.conv = (stride, padding, dilation, groups, chunk)
+    ctx.conv = (stride, padding, dilation, groups, chunk, input_grad_per_sample)
 
 
 def _grouped_autograd(ctx, grad_out):
     needs = list(ctx.needs_input_grad[:5])
     grads = _grouped_backward(grad_out, *ctx.saved_tensors, *ctx.conv, needs)
-    return needed(grads, needs) + (None,) * 5
+    return needed(grads, needs) + (None,) * 6
 
 
 grouped_forward.register_autograd(_grouped_autograd, setup_context=_grouped_setup_context)
