@@ -24,7 +24,7 @@ class RunConfig:
     data_backend: str
     workers: int
     prefetch: int
-    image_size: Optional[int]  # None: the checkpoint's (evaluating or resuming), else 224
+    image_size: Optional[int]  # None: the checkpoint's (evaluating or resuming), else the architecture's (224; b4 380)
     interpolation: Optional[str]  # None: the checkpoint's (evaluating or resuming), else bilinear
     augmentation: Optional[str]
     crop_area_min: float
