@@ -330,6 +330,25 @@ def _run_on_random_inputs(layer: "autotune.LayerSpec", path: str) -> None:
                 out.backward(torch.ones_like(out))
 
 
+@torch.library.custom_op("pedconv::standard_normal_like", mutates_args=())
+def _standard_normal_like(like: torch.Tensor) -> torch.Tensor:
+    return torch.randn_like(like)
+
+
+@_standard_normal_like.register_fake
+def _standard_normal_like_fake(like):
+    return torch.empty_like(like)
+
+
+def standard_normal_like(t: torch.Tensor) -> torch.Tensor:
+    """``torch.randn_like(t)``, the gate noise. Under torch.compile an opaque call to it: Inductor would generate
+    one C++ kernel per layer for its own random numbers (each with the layer's seed index as a constant), a compile
+    of its own for every PEDConv layer of the model; the call draws from the same generator as eager mode."""
+    if torch.compiler.is_compiling() and not is_exporting():
+        return _standard_normal_like(t.detach())
+    return torch.randn_like(t)
+
+
 class _GlobalAvgPool(torch.autograd.Function):
     """x.mean((2, 3)) whose backward hands back a broadcast view instead of an input-sized tensor.
 
