@@ -273,7 +273,13 @@ def _auto_path(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation
     """``auto``: the path measured fastest for this layer shape (:mod:`pedconv.autotune`), else the fixed rule's."""
     tensors = (x, weight, gate_out, gate_in, gate_tap)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    layer = layer_spec(x.shape, x.device, compute_dtype(*tensors), memory_format_of(x) == torch.channels_last,
+    shape = x.shape
+    if torch.compiler.is_compiling() and not is_exporting():
+        # With dynamic shapes (the recompile for a batch of another size) the sizes are symbolic and the choice
+        # could not be a constant of the graph (a graph break in every layer): len(range(n)) makes the compiler
+        # specialize them instead.
+        shape = tuple(len(range(n)) for n in shape)
+    layer = layer_spec(shape, x.device, compute_dtype(*tensors), memory_format_of(x) == torch.channels_last,
                        weight.shape, gate_out.shape[1], stride, padding, dilation, groups,
                        tuple(t.requires_grad for t in tensors) if training else (False,) * 5)
     if plain_ops_only():

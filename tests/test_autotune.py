@@ -314,6 +314,19 @@ def test_compiled_gate_noise_is_eager_modes_draw():
     assert not torch.allclose(other_draw, outputs[0], rtol=1e-3, atol=1e-4)  # the noise matters at this size
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
 
+
+def test_compiled_model_takes_batches_of_other_sizes_without_graph_breaks(measuring):
+    """A batch of another size makes torch.compile recompile with a symbolic batch (automatic dynamic shapes):
+    the measured choice must still be a constant of the graph (fullgraph: a graph break raises)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(PEDConv2d(8, 8, 3, 1, 1, reduction=4, noise_std=0.0),
+                          PEDConv2d(8, 8, 1, reduction=4, noise_std=0.0)).train()
+    compiled = torch.compile(model, fullgraph=True)
+    for batch in (4, 3, 2):
+        x = torch.randn(batch, 8, 5, 5)
+        torch.testing.assert_close(compiled(x.clone().requires_grad_(True)), model(x), rtol=1e-5, atol=1e-6)
+
 def test_main_offers_every_method_and_path_of_the_library():
     import main as cli
 
