@@ -304,15 +304,19 @@ def test_compiled_gate_noise_is_eager_modes_draw():
         if isinstance(linear, nn.Linear):
             nn.init.normal_(linear.weight, 0, 0.5)
     x = torch.randn(4, 8, 5, 5)
-    outputs = []
+    outputs, grads = [], []
     torch._dynamo.reset()  # static shapes: no sizes seen by earlier tests' compiles
     for model in (layers, torch.compile(layers, fullgraph=True)):
         torch.manual_seed(1)
-        outputs.append(model(x))
+        leaf = x.clone().requires_grad_(True)
+        outputs.append(model(leaf))
+        outputs[-1].square().sum().backward()  # the backward sees the same draw (not one drawn again)
+        grads.append(leaf.grad)
     torch.manual_seed(2)
     other_draw = layers(x)
     assert not torch.allclose(other_draw, outputs[0], rtol=1e-3, atol=1e-4)  # the noise matters at this size
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
 def test_compiled_model_takes_batches_of_other_sizes_without_graph_breaks(measuring):
