@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import autotune
-from .functional import check_method, check_triton_groups, global_avg_pool, layer_spec, method_path, pedconv2d
+from .functional import (check_method, check_triton_groups, global_avg_pool, layer_spec, method_path, pedconv2d,
+                         standard_normal_like)
 from .paths.common import memory_format_of, pair
 
 IntOrPair = Union[int, Tuple[int, int]]
@@ -49,7 +50,7 @@ class GateGenerator(nn.Module):
         hidden = F.relu(self.fc_share(pooled))
         logits = torch.cat([self.fc_inp(hidden), self.fc_oup(hidden), self.fc_k(hidden)], dim=1)
         if noise_std > 0:
-            logits = logits + noise_std * torch.randn_like(logits)
+            logits = logits + noise_std * standard_normal_like(logits)
         return logits
 
     def gates(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

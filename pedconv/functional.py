@@ -273,7 +273,13 @@ def _auto_path(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation
     """``auto``: the path measured fastest for this layer shape (:mod:`pedconv.autotune`), else the fixed rule's."""
     tensors = (x, weight, gate_out, gate_in, gate_tap)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    layer = layer_spec(x.shape, x.device, compute_dtype(*tensors), memory_format_of(x) == torch.channels_last,
+    shape = x.shape
+    if torch.compiler.is_compiling() and not is_exporting():
+        # With dynamic shapes (the recompile for a batch of another size) the sizes are symbolic and the choice
+        # could not be a constant of the graph (a graph break in every layer): len(range(n)) makes the compiler
+        # specialize them instead.
+        shape = tuple(len(range(n)) for n in shape)
+    layer = layer_spec(shape, x.device, compute_dtype(*tensors), memory_format_of(x) == torch.channels_last,
                        weight.shape, gate_out.shape[1], stride, padding, dilation, groups,
                        tuple(t.requires_grad for t in tensors) if training else (False,) * 5)
     if plain_ops_only():
@@ -328,6 +334,25 @@ def _run_on_random_inputs(layer: "autotune.LayerSpec", path: str) -> None:
             out = run_path(path, *tensors, None, layer.stride, layer.padding, layer.dilation, groups)
             if layer.training:
                 out.backward(torch.ones_like(out))
+
+
+@torch.library.custom_op("pedconv::standard_normal_like", mutates_args=())
+def _standard_normal_like(like: torch.Tensor) -> torch.Tensor:
+    return torch.randn_like(like)
+
+
+@_standard_normal_like.register_fake
+def _standard_normal_like_fake(like):
+    return torch.empty_like(like)
+
+
+def standard_normal_like(t: torch.Tensor) -> torch.Tensor:
+    """``torch.randn_like(t)``, the gate noise. Under torch.compile an opaque call to it: Inductor would generate
+    one C++ kernel per layer for its own random numbers (each with the layer's seed index as a constant), a compile
+    of its own for every PEDConv layer of the model; the call draws from the same generator as eager mode."""
+    if torch.compiler.is_compiling() and not is_exporting():
+        return _standard_normal_like(t.detach())
+    return torch.randn_like(t)
 
 
 class _GlobalAvgPool(torch.autograd.Function):

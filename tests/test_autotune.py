@@ -293,6 +293,44 @@ def test_compiled_model_equals_eager_on_every_path_without_graph_breaks(measurin
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
 
 
+
+def test_compiled_gate_noise_is_eager_modes_draw():
+    """Under torch.compile the gate noise comes from the same generator as in eager mode (an opaque call, not one
+    Inductor kernel per layer): with the same seed a compiled noisy layer gives the eager layer's output."""
+    torch.manual_seed(0)
+    layers = nn.Sequential(PEDConv2d(8, 8, 3, 1, 1, reduction=4, noise_std=1.0),
+                           PEDConv2d(8, 8, 3, 1, 1, reduction=4, noise_std=1.0)).train()
+    for linear in layers.modules():
+        if isinstance(linear, nn.Linear):
+            nn.init.normal_(linear.weight, 0, 0.5)
+    x = torch.randn(4, 8, 5, 5)
+    outputs, grads = [], []
+    torch._dynamo.reset()  # static shapes: no sizes seen by earlier tests' compiles
+    for model in (layers, torch.compile(layers, fullgraph=True)):
+        torch.manual_seed(1)
+        leaf = x.clone().requires_grad_(True)
+        outputs.append(model(leaf))
+        outputs[-1].square().sum().backward()  # the backward sees the same draw (not one drawn again)
+        grads.append(leaf.grad)
+    torch.manual_seed(2)
+    other_draw = layers(x)
+    assert not torch.allclose(other_draw, outputs[0], rtol=1e-3, atol=1e-4)  # the noise matters at this size
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_model_takes_batches_of_other_sizes_without_graph_breaks(measuring):
+    """A batch of another size makes torch.compile recompile with a symbolic batch (automatic dynamic shapes):
+    the measured choice must still be a constant of the graph (fullgraph: a graph break raises)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(PEDConv2d(8, 8, 3, 1, 1, reduction=4, noise_std=0.0),
+                          PEDConv2d(8, 8, 1, reduction=4, noise_std=0.0)).train()
+    compiled = torch.compile(model, fullgraph=True)
+    for batch in (4, 3, 2):
+        x = torch.randn(batch, 8, 5, 5)
+        torch.testing.assert_close(compiled(x.clone().requires_grad_(True)), model(x), rtol=1e-5, atol=1e-6)
+
 def test_main_offers_every_method_and_path_of_the_library():
     import main as cli
 
