@@ -6,9 +6,12 @@ everywhere. As cuDNN's benchmark mode does, the first call for a new key (device
 threads, dtype, memory format, channels, kernel, stride, padding, dilation, groups, rank, batch bucket (the next
 power of two), input size, and whether gradients are needed) times each candidate path once on the call's own input,
 forward and, for training keys, backward, runs the close ones a second time, and keeps the fastest: a few of the
-layer's own steps, once per key and process (or machine, with the cache file). Later calls
-with the key use it. Evaluation calls (no gradients) are keyed separately and timed forward only. A path that raises
-while measured is dropped for that key with one warning.
+layer's own steps, once per key and process (or machine, with the cache file). The fixed rule's path runs first; a
+candidate whose forward alone already takes ``SECOND_ROUND_FACTOR`` times the best complete run skips its backward
+(it could not be chosen: a path many times slower than the best, per-sample kernels of a 7x7 layer, would otherwise
+cost more to measure than the others together). Later calls with the key use it. Evaluation calls (no gradients)
+are keyed separately and timed forward only. A path that raises while measured is dropped for that key with one
+warning.
 
 Control:
 
@@ -49,8 +52,17 @@ ENV_CACHE = "PEDCONV_AUTOTUNE_CACHE"
 CACHE_FORMAT = "pedconv-autotune-1"
 # Every candidate runs once, then those within this factor of the best first time run again (in reverse order, so
 # that no candidate is always first after the caller's own work): the first runs pay for first touches of buffers
-# and the libraries' plans, and the second decides.
+# and the libraries' plans, and the second decides. A training candidate whose forward alone exceeds this factor
+# times the best complete run so far stops there (its backward could not bring it back into the second round).
 SECOND_ROUND_FACTOR = 3.0
+
+
+class _Pruned(Exception):
+    """Raised between a candidate's forward and backward when the forward alone rules it out."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
 
 
 class LayerSpec(NamedTuple):
@@ -81,6 +93,7 @@ class Decision:
     source: str  # measured, cache, rank 0
     times: Dict[str, float] = field(default_factory=dict)  # seconds per candidate (best of its runs)
     errors: Dict[str, str] = field(default_factory=dict)  # candidates dropped: the error
+    pruned: Tuple[str, ...] = ()  # candidates stopped after their forward: their times are the forward's
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,8 +185,10 @@ class Autotuner:
 
     # -- the choice
 
-    def choose(self, layer: LayerSpec, run: Callable[[str], None]) -> str:
-        """The path for ``layer``: known, measured now (``run(path)`` runs one candidate), or the fixed rule's."""
+    def choose(self, layer: LayerSpec, run: Callable[[str, Callable[[], None]], None]) -> str:
+        """The path for ``layer``: known, measured now, or the fixed rule's. ``run(path, after_forward)`` runs one
+        candidate, forward and (training keys) backward, calling ``after_forward()`` in between: it raises to stop a
+        candidate that the forward alone rules out."""
         if not self.is_enabled() or torch.are_deterministic_algorithms_enabled():
             return layer.fixed
         key = layer_key(layer)
@@ -191,35 +206,50 @@ class Autotuner:
             self._save()
             return decision.path
 
-    def _measure(self, key: str, layer: LayerSpec, run: Callable[[str], None]) -> Optional[Decision]:
+    def _measure(self, key: str, layer: LayerSpec, run: Callable[[str, Callable[[], None]], None]
+                 ) -> Optional[Decision]:
         started = time.perf_counter()
         times: Dict[str, float] = {}
         errors: Dict[str, str] = {}
+        pruned = []
 
-        def timed(path: str) -> float:
+        def timed(path: str, limit: float = float("inf")) -> float:
             _synchronize(layer.device)
             start = self.clock()
-            run(path)
+
+            def after_forward() -> None:
+                _synchronize(layer.device)
+                elapsed = self.clock() - start
+                if elapsed > limit:
+                    raise _Pruned(elapsed)
+
+            run(path, after_forward)
             _synchronize(layer.device)
             return self.clock() - start
 
-        for path in layer.candidates:
+        # The fixed rule's path first: usually a good one, whose time lets the hopeless ones stop early.
+        order = sorted(layer.candidates, key=lambda path: path != layer.fixed)
+        for path in order:
+            complete = [seconds for p, seconds in times.items() if p not in pruned]
             try:
-                times[path] = timed(path)
+                times[path] = timed(path, SECOND_ROUND_FACTOR * min(complete, default=float("inf")))
+            except _Pruned as stop:
+                times[path] = stop.seconds
+                pruned.append(path)
             except Exception as error:  # a path that fails here must not fail training: dropped for this key
                 errors[path] = f"{type(error).__name__}: {error}".splitlines()[0]
                 self._warn_once((key, path), f"PEDConv path {path!r} failed while measured and is dropped for "
                                              f"{key}: {errors[path]}")
         if times:
             # The first run of a path pays for first touches (buffers, library plans): time the close ones again.
-            best = min(times.values())
+            best = min(seconds for path, seconds in times.items() if path not in pruned)
             for path in reversed([p for p, seconds in times.items() if seconds <= SECOND_ROUND_FACTOR * best]):
                 times[path] = min(times[path], timed(path))
         self.measured += 1
         self.measure_seconds += time.perf_counter() - started
         if not times:
             return None
-        return Decision(min(times, key=times.get), "measured", times, errors)
+        return Decision(min(times, key=times.get), "measured", times, errors, tuple(pruned))
 
     def _warn_once(self, what, message: str) -> None:
         if what not in self._warned:
@@ -316,8 +346,8 @@ class Autotuner:
                  f"{'' if self._writable else ' (not written)'}; {self.measured} key(s) measured in this process, "
                  f"{self.measure_seconds:.2f} s"]
         for key, decision in sorted(self.decisions.items()):
-            timings = ", ".join(f"{path} {seconds * 1e3:.2f} ms" for path, seconds in
-                                sorted(decision.times.items(), key=lambda item: item[1]))
+            timings = ", ".join(f"{path} {seconds * 1e3:.2f} ms" + (" (forward)" if path in decision.pruned else "")
+                                for path, seconds in sorted(decision.times.items(), key=lambda item: item[1]))
             line = f"  {key}: {decision.path} ({decision.source}; {timings or 'no timings'})"
             if decision.errors:
                 line += "; dropped: " + ", ".join(f"{p} ({e})" for p, e in decision.errors.items())
@@ -333,7 +363,7 @@ class Autotuner:
 TUNER = Autotuner()
 
 
-def choose(layer: LayerSpec, run: Callable[[str], None]) -> str:
+def choose(layer: LayerSpec, run: Callable[[str, Callable[[], None]], None]) -> str:
     return TUNER.choose(layer, run)
 
 

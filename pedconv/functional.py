@@ -287,11 +287,12 @@ def _auto_path(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation
     if torch.compiler.is_compiling():
         return _compiled_choice(tuple(layer))
 
-    def run(path: str) -> None:
+    def run(path: str, after_forward) -> None:
         leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, layer.requires_grad)]
         with torch.enable_grad() if layer.training else torch.no_grad():
             out = run_path(path, *leaves, None, stride, padding, dilation, groups)
             if layer.training:
+                after_forward()
                 out.backward(torch.ones_like(out))
 
     return autotune.choose(layer, run)
@@ -310,8 +311,9 @@ def _compiled_choice(fields: tuple) -> str:
 _compiled_choice._dynamo_marked_constant = True
 
 
-def _run_on_random_inputs(layer: "autotune.LayerSpec", path: str) -> None:
-    """One forward (and backward, for a training key) of ``path`` on random tensors of the layer's shapes."""
+def _run_on_random_inputs(layer: "autotune.LayerSpec", path: str, after_forward) -> None:
+    """One forward (and backward, for a training key, after ``after_forward()``) of ``path`` on random tensors of
+    the layer's shapes."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily(), autocast_off(layer.device.split(":")[0]):
@@ -333,6 +335,7 @@ def _run_on_random_inputs(layer: "autotune.LayerSpec", path: str) -> None:
         with torch.enable_grad() if layer.training else torch.no_grad():
             out = run_path(path, *tensors, None, layer.stride, layer.padding, layer.dilation, groups)
             if layer.training:
+                after_forward()
                 out.backward(torch.ones_like(out))
 
 

@@ -248,6 +248,13 @@ MUTANTS: List[Mutant] = [
            "probabilities = torch.softmax(logits.float(), dim=1)",
            "probabilities = torch.softmax(logits.float(), dim=0)",
            tests("tests/test_tools.py", "-k", "classify_top5"), "classify.py normalizes over the batch"),
+    # ---- measured path choice
+    Mutant("autotune-prunes-close-candidates", "pedconv/autotune.py",
+           "                if elapsed > limit:", "                if elapsed > limit / SECOND_ROUND_FACTOR:",
+           tests("tests/test_autotune.py", "-k", "hopeless"), "a candidate close to the best stops after its forward"),
+    Mutant("autotune-keeps-the-slowest", "pedconv/autotune.py",
+           "return Decision(min(times, key=times.get)", "return Decision(max(times, key=times.get)",
+           tests("tests/test_autotune.py", "-k", "once_per_key"), "the slowest candidate is kept"),
 ]
 
 

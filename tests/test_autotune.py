@@ -83,6 +83,27 @@ def test_choice_is_made_once_per_key_and_reused(measuring, monkeypatch):
     assert "unfold:matmul (measured; unfold:matmul 100.00 ms, grouped 1000.00 ms" in report
 
 
+def test_fixed_path_runs_first_and_hopeless_candidates_skip_their_backward(measuring, monkeypatch):
+    """A candidate whose forward alone takes over 3x the best complete run stops there: its backward could not
+    bring it back (the choice is the same as with every backward run), and measuring costs less."""
+    clock = fake_clock(monkeypatch, {"unfold:conv": 0.1, "grouped:chunks": 0.25})
+    backward_calls = []
+    real_backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward",
+                        lambda self, *a, **k: backward_calls.append(self.shape) or real_backward(self, *a, **k))
+    layer, x = layer_and_input(cin=32, cout=32, size=4)  # kernel over twice the output map: the rule says unfold
+    layer.train()(x)  # the first call measures
+    assert clock.runs == ["unfold:conv", "grouped", "grouped:chunks", "grouped:per-sample-input-grad",
+                          "unfold:matmul", "grouped:chunks", "unfold:conv", "unfold:conv"]  # the last: the call's own
+    # unfold:conv twice and grouped:chunks (within 3x) twice; the three others stopped after their forward.
+    assert len(backward_calls) == 4
+    (decision,) = autotune.TUNER.decisions.values()
+    assert decision.path == "unfold:conv"
+    assert set(decision.pruned) == {"grouped", "grouped:per-sample-input-grad", "unfold:matmul"}
+    assert "grouped 1000.00 ms (forward)" in pedconv.autotune_report()
+    assert "grouped:chunks 250.00 ms," in pedconv.autotune_report()
+
+
 def test_candidate_sets_per_shape(monkeypatch):
     assert functional.candidate_paths("cpu", 16, (1, 1), 1, (0, 0), True) == ["pointwise:per-sample",
                                                                              "pointwise:shared"]
