@@ -7,9 +7,8 @@ threads, dtype, memory format, channels, kernel, stride, padding, dilation, grou
 power of two), input size, and whether gradients are needed) times each candidate path once on the call's own input,
 forward and, for training keys, backward, runs the close ones a second time, and keeps the fastest: a few of the
 layer's own steps, once per key and process (or machine, with the cache file). The fixed rule's path runs first; a
-candidate whose forward alone already takes ``SECOND_ROUND_FACTOR`` times the best complete run skips its backward
-(it could not be chosen: a path many times slower than the best, per-sample kernels of a 7x7 layer, would otherwise
-cost more to measure than the others together). Later calls with the key use it. Evaluation calls (no gradients)
+training candidate whose forward alone already takes as long as the best complete run skips its backward (see
+``PRUNE_FACTOR``). Later calls with the key use it. Evaluation calls (no gradients)
 are keyed separately and timed forward only. A path that raises while measured is dropped for that key with one
 warning.
 
@@ -52,9 +51,13 @@ ENV_CACHE = "PEDCONV_AUTOTUNE_CACHE"
 CACHE_FORMAT = "pedconv-autotune-1"
 # Every candidate runs once, then those within this factor of the best first time run again (in reverse order, so
 # that no candidate is always first after the caller's own work): the first runs pay for first touches of buffers
-# and the libraries' plans, and the second decides. A training candidate whose forward alone exceeds this factor
-# times the best complete run so far stops there (its backward could not bring it back into the second round).
+# and the libraries' plans, and the second decides.
 SECOND_ROUND_FACTOR = 3.0
+# A training candidate whose forward alone takes over this factor times the best complete run (forward and
+# backward) so far stops there, unchosen: a backward costs about twice its forward or more (the input and the
+# weight gradients), so such a candidate would take about three times the best. Without it, the hopeless candidates
+# (per-sample kernels of a 7x7 layer: eight times slower) cost more to measure than all the others together.
+PRUNE_FACTOR = 1.0
 
 
 class _Pruned(Exception):
@@ -232,7 +235,7 @@ class Autotuner:
         for path in order:
             complete = [seconds for p, seconds in times.items() if p not in pruned]
             try:
-                times[path] = timed(path, SECOND_ROUND_FACTOR * min(complete, default=float("inf")))
+                times[path] = timed(path, PRUNE_FACTOR * min(complete, default=float("inf")))
             except _Pruned as stop:
                 times[path] = stop.seconds
                 pruned.append(path)
@@ -243,7 +246,8 @@ class Autotuner:
         if times:
             # The first run of a path pays for first touches (buffers, library plans): time the close ones again.
             best = min(seconds for path, seconds in times.items() if path not in pruned)
-            for path in reversed([p for p, seconds in times.items() if seconds <= SECOND_ROUND_FACTOR * best]):
+            close = [p for p, seconds in times.items() if seconds <= SECOND_ROUND_FACTOR * best and p not in pruned]
+            for path in reversed(close):
                 times[path] = min(times[path], timed(path))
         self.measured += 1
         self.measure_seconds += time.perf_counter() - started
