@@ -1,18 +1,40 @@
 """`PEDConv2d`: a parameter-efficient dynamic convolution, drop-in for `torch.nn.Conv2d`."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import autotune
 from .functional import (check_method, check_triton_groups, global_avg_pool, layer_spec, method_path, pedconv2d,
                          standard_normal_like)
-from .paths.common import memory_format_of, pair
+from .paths.common import autocast_off, in_one_dtype, is_exporting, memory_format_of, pair, plain_ops_only
 
 IntOrPair = Union[int, Tuple[int, int]]
+
+
+def gate_logits(pooled: Tensor, params: List[Tensor], noise: Optional[Tensor] = None,
+                noise_std: float = 0.0) -> Tensor:
+    """The gate generator's logits (B, R*(Cin/G + Cout + taps)) from the pooled input (B, Cin), plus
+    ``noise_std * noise`` when ``noise`` is given. ``params``: :meth:`GateGenerator.generator_parameters`."""
+    share_weight, share_bias, in_weight, in_bias, out_weight, out_bias, tap_weight, tap_bias = params[:8]
+    hidden = F.relu(F.linear(pooled, share_weight, share_bias))
+    logits = torch.cat([F.linear(hidden, in_weight, in_bias), F.linear(hidden, out_weight, out_bias),
+                        F.linear(hidden, tap_weight, tap_bias)], dim=1)
+    if noise is not None:
+        logits = logits + noise_std * noise
+    return logits
+
+
+def info_max_error(pooled: Tensor, logits: Tensor, params: List[Tensor]) -> Tensor:
+    """Mean squared error of the pooled input reconstructed from the (noisy) logits by the decoder; the pooled input
+    is the target, not trained through this loss."""
+    hidden_weight, hidden_bias, out_weight, out_bias = params[8:]
+    reconstructed = F.linear(F.relu(F.linear(logits, hidden_weight, hidden_bias)), out_weight, out_bias)
+    return F.mse_loss(reconstructed.float(), pooled.detach().float())
 
 
 class GateGenerator(nn.Module):
@@ -35,7 +57,8 @@ class GateGenerator(nn.Module):
         self.fc_inp = nn.Linear(hidden, rank * in_per_group)
         self.fc_oup = nn.Linear(hidden, rank * out_channels)
         self.fc_k = nn.Linear(hidden, rank * taps)
-        self.decoder = nn.Sequential(nn.Linear(sum(self.split), hidden), nn.ReLU(inplace=True), nn.Linear(hidden, in_channels))
+        self.decoder = nn.Sequential(nn.Linear(sum(self.split), hidden), nn.ReLU(inplace=True),
+                                     nn.Linear(hidden, in_channels))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -45,28 +68,141 @@ class GateGenerator(nn.Module):
                 nn.init.normal_(linear.weight, 0.0, 0.01)
                 nn.init.zeros_(linear.bias)
 
-    def forward(self, pooled: torch.Tensor, noise_std: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    def generator_parameters(self) -> List[Tensor]:
+        """Weight and bias of fc_share, fc_inp, fc_oup, fc_k, decoder.0 and decoder.2, in this order."""
+        linears = (self.fc_share, self.fc_inp, self.fc_oup, self.fc_k, self.decoder[0], self.decoder[2])
+        return [tensor for linear in linears for tensor in (linear.weight, linear.bias)]
+
+    def forward(self, pooled: Tensor, noise_std: float = 0.0) -> Tensor:
         """Return the gate logits (B, Cin/G*R + Cout*R + taps*R), noise added when noise_std > 0."""
-        hidden = F.relu(self.fc_share(pooled))
-        logits = torch.cat([self.fc_inp(hidden), self.fc_oup(hidden), self.fc_k(hidden)], dim=1)
+        logits = gate_logits(pooled, self.generator_parameters())
         if noise_std > 0:
             logits = logits + noise_std * standard_normal_like(logits)
         return logits
 
-    def gates(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gates(self, logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """(gate_out, gate_in, gate_tap), each (B, R, C), from the logits."""
-        batch = logits.shape[0]
-        logit_in, logit_out, logit_tap = torch.split(torch.sigmoid(logits), self.split, dim=1)
+        return self.gates_of(torch.sigmoid(logits))
+
+    def gates_of(self, sigmoids: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(gate_out, gate_in, gate_tap), each (B, R, C), as views of the logits' sigmoids."""
+        batch = sigmoids.shape[0]
+        logit_in, logit_out, logit_tap = torch.split(sigmoids, self.split, dim=1)
         return (
             logit_out.reshape(batch, self.rank, -1),
             logit_in.reshape(batch, self.rank, -1),
             logit_tap.reshape(batch, self.rank, -1),
         )
 
-    def info_max_loss(self, pooled: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def info_max_loss(self, pooled: Tensor, logits: Tensor) -> Tensor:
         """Mean squared error of the pooled input reconstructed from the (noisy) logits; pooled is not trained."""
-        reconstructed = self.decoder(logits)
-        return F.mse_loss(reconstructed.float(), pooled.detach().float())
+        return info_max_error(pooled, logits, self.generator_parameters())
+
+    def gates_and_loss(self, x: Tensor, noise_std: float, info_max: bool, plain_pool: bool = False
+                       ) -> Tuple[Tuple[Tensor, Tensor, Tensor], Optional[Tensor]]:
+        """The gates (:meth:`gates`) of the logits (:meth:`forward`) of x's global average, and, when ``info_max``,
+        the info-max loss (:meth:`info_max_loss`; else None). ``plain_pool``: plain autograd ops throughout.
+
+        Under torch.compile the pooling, the generator and the loss are one opaque call (``pedconv::gate_generator``,
+        its backward another): Inductor would otherwise generate and compile C++ kernels for these small products
+        in every layer shape, which made a PEDConv model's first compiled step several times the static model's,
+        for no speed-up.
+        """
+        if plain_pool or not torch.compiler.is_compiling() or is_exporting() or plain_ops_only():
+            pooled = x.mean((2, 3)) if plain_pool else global_avg_pool(x)
+            logits = self(pooled, noise_std)
+            return self.gates(logits), (self.info_max_loss(pooled, logits) if info_max else None)
+        params = in_one_dtype(*self.generator_parameters())  # autocast's dtype, as the Linear layers would use
+        noise = None
+        if noise_std > 0:  # eager mode's draw: same generator, shape and dtype
+            noise = standard_normal_like(x.new_empty((x.shape[0], sum(self.split)), dtype=params[0].dtype))
+        gates, loss, _ = _gate_generator(x, noise, params, float(noise_std), info_max)
+        return self.gates_of(gates), (loss if info_max else None)
+
+
+@torch.library.custom_op("pedconv::gate_generator", mutates_args=())
+def _gate_generator(x: Tensor, noise: Optional[Tensor], params: List[Tensor], noise_std: float,
+                    info_max: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The sigmoids of :func:`gate_logits` of x's global average, the info-max loss of :func:`info_max_error` (0
+    unless ``info_max``) and the average itself (for the backward)."""
+    pooled = x.mean((2, 3))
+    with autocast_off(x.device.type):
+        logits = gate_logits(pooled.to(params[0].dtype), params, noise, noise_std)
+        loss = info_max_error(pooled, logits, params) if info_max else x.new_zeros((), dtype=torch.float32)
+    return torch.sigmoid(logits), loss, pooled
+
+
+@_gate_generator.register_fake
+def _gate_generator_fake(x, noise, params, noise_std, info_max):
+    logits_width = params[2].shape[0] + params[4].shape[0] + params[6].shape[0]
+    return (x.new_empty((x.shape[0], logits_width), dtype=params[0].dtype), x.new_empty((), dtype=torch.float32),
+            x.new_empty(x.shape[:2]))
+
+
+@torch.library.custom_op("pedconv::gate_generator_backward", mutates_args=())
+def _gate_generator_backward(grad_gates: Tensor, grad_loss: Tensor, pooled: Tensor, noise: Optional[Tensor],
+                             params: List[Tensor], noise_std: float, info_max: bool) -> List[Tensor]:
+    """Gradients of :func:`_gate_generator` for the average and each parameter, written out (autograd does not
+    record inside a custom op); the few small products of the forward run again instead of being kept."""
+    share_weight, share_bias = params[:2]
+    head_weights = params[2:8:2]
+    with autocast_off(pooled.device.type):
+        pooled_in = pooled.to(share_weight.dtype)
+        hidden = F.relu(F.linear(pooled_in, share_weight, share_bias))
+        logits = gate_logits(pooled_in, params, noise, noise_std)
+        sigmoids = torch.sigmoid(logits)
+        grad_logits = grad_gates * sigmoids * (1 - sigmoids)
+        grads: List[Optional[Tensor]] = [None] * 12
+        if info_max:
+            # The decoder: loss = mean((D2 relu(D0 logits + d0) + d2 - pooled)^2), pooled a constant.
+            dec_weight, dec_bias, rec_weight, rec_bias = params[8:]
+            dec_hidden = F.relu(F.linear(logits, dec_weight, dec_bias))
+            reconstructed = F.linear(dec_hidden, rec_weight, rec_bias)
+            grad_rec = (grad_loss * 2 / reconstructed.numel()) * (reconstructed.float() - pooled.float())
+            grad_rec = grad_rec.to(reconstructed.dtype)
+            grads[10], grads[11] = grad_rec.t() @ dec_hidden, grad_rec.sum(0)
+            grad_dec = (grad_rec @ rec_weight) * (dec_hidden > 0)
+            grads[8], grads[9] = grad_dec.t() @ logits, grad_dec.sum(0)
+            grad_logits = grad_logits + grad_dec @ dec_weight
+        grad_hidden = torch.zeros_like(hidden)
+        for index, (grad_head, weight) in enumerate(zip(grad_logits.split([w.shape[0] for w in head_weights], 1),
+                                                        head_weights)):
+            grads[2 + 2 * index], grads[3 + 2 * index] = grad_head.t() @ hidden, grad_head.sum(0)
+            grad_hidden += grad_head @ weight
+        grad_hidden *= hidden > 0
+        grads[0], grads[1] = grad_hidden.t() @ pooled_in, grad_hidden.sum(0)
+        grad_pooled = (grad_hidden @ share_weight).to(pooled.dtype)
+    return [grad_pooled] + [grad if grad is not None else torch.zeros_like(param) for grad, param in zip(grads, params)]
+
+
+@_gate_generator_backward.register_fake
+def _gate_generator_backward_fake(grad_gates, grad_loss, pooled, noise, params, noise_std, info_max):
+    return [torch.empty_like(t) for t in [pooled] + list(params)]
+
+
+def _gate_generator_setup_context(ctx, inputs, output):
+    x, noise, params, noise_std, info_max = inputs
+    ctx.has_noise = noise is not None
+    ctx.save_for_backward(output[2], *([noise] if noise is not None else []), *params)
+    ctx.settings = (noise_std, info_max)
+    ctx.shapes = (x.shape, output[0].shape)
+
+
+def _gate_generator_autograd(ctx, grad_gates, grad_loss, _grad_pooled):
+    pooled, *rest = ctx.saved_tensors
+    noise = rest.pop(0) if ctx.has_noise else None
+    x_shape, gates_shape = ctx.shapes
+    if grad_gates is None:
+        grad_gates = rest[0].new_zeros(gates_shape)
+    if grad_loss is None:
+        grad_loss = pooled.new_zeros((), dtype=torch.float32)
+    grads = _gate_generator_backward(grad_gates, grad_loss, pooled, noise, rest, *ctx.settings)
+    # The average's gradient as a broadcast view, as global_avg_pool's: one in-place add into the input gradient.
+    grad_x = (grads[0] / (x_shape[2] * x_shape[3]))[:, :, None, None].expand(x_shape)
+    return grad_x, None, list(grads[1:]), None, None
+
+
+_gate_generator.register_autograd(_gate_generator_autograd, setup_context=_gate_generator_setup_context)
 
 
 class PEDConv2d(nn.Module):
@@ -192,13 +328,8 @@ class PEDConv2d(nn.Module):
                 f"PEDConv2d expected input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
         # The reference path stays in plain autograd ops end to end (the tests' yardstick).
-        pooled = x.mean((2, 3)) if self.method == "reference" else global_avg_pool(x)
-        logits = self.attn(pooled, self.noise_std if self.training else 0.0)
-        if self.training and self.info_max:
-            self._info_max_loss = self.attn.info_max_loss(pooled, logits)
-        else:
-            self._info_max_loss = None
-        gate_out, gate_in, gate_tap = self.attn.gates(logits)
+        (gate_out, gate_in, gate_tap), self._info_max_loss = self.attn.gates_and_loss(
+            x, self.noise_std if self.training else 0.0, self.training and self.info_max, self.method == "reference")
         return pedconv2d(
             x, self.weight, gate_out, gate_in, gate_tap, self.bias,
             self.stride, self.padding, self.dilation, self.groups, self.method,
