@@ -109,6 +109,11 @@ def test_candidate_sets_per_shape(monkeypatch):
     assert functional.candidate_paths("cpu", 16, (1, 1), 1, (0, 0), True) == ["pointwise:per-sample",
                                                                              "pointwise:shared"]
     assert functional.candidate_paths("cpu", 16, (1, 1), 2, (0, 0), True) == ["pointwise:shared"]
+    # Training keeps per-sample matrices for the backward: only where they are no larger than the output.
+    assert functional.candidate_paths("cpu", 16, (1, 1), 1, (0, 0), True, 256, 256) == ["pointwise:per-sample",
+                                                                                       "pointwise:shared"]
+    assert functional.candidate_paths("cpu", 16, (1, 1), 1, (0, 0), True, 257, 256) == ["pointwise:shared"]
+    assert functional.candidate_paths("cpu", 16, (1, 1), 1, (0, 0), False, 257, 256)[0] == "pointwise:per-sample"
     assert functional.candidate_paths("cpu", 16, (3, 3), 1, (1, 1), True) == [
         "grouped", "grouped:chunks", "grouped:per-sample-input-grad", "unfold:conv", "unfold:matmul"]
     assert functional.candidate_paths("cpu", 16, (3, 3), 1, (1, 1), False) == [  # evaluation: forward only
