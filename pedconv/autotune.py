@@ -272,7 +272,8 @@ class Autotuner:
             return
         for key, entry in entries.items():
             self.decisions.setdefault(key, Decision(entry["path"], "cache",
-                                                    {p: ms / 1e3 for p, ms in entry.get("times_ms", {}).items()}))
+                                                    {p: ms / 1e3 for p, ms in entry.get("times_ms", {}).items()},
+                                                    pruned=tuple(entry.get("pruned", ()))))
 
     def _read(self, path: Optional[str]) -> Optional[dict]:
         """The entries of the cache file; None (and no more writing to it) if it is not a readable cache."""
@@ -304,7 +305,8 @@ class Autotuner:
         for key, decision in self.decisions.items():
             if decision.source in ("measured", "cache"):
                 entries[key] = {"path": decision.path,
-                                "times_ms": {p: round(s * 1e3, 4) for p, s in decision.times.items()}}
+                                "times_ms": {p: round(s * 1e3, 4) for p, s in decision.times.items()},
+                                "pruned": list(decision.pruned)}
         try:
             folder = os.path.dirname(os.path.abspath(path))
             os.makedirs(folder, exist_ok=True)

@@ -20,13 +20,18 @@ def gate_logits(pooled: Tensor, params: List[Tensor], noise: Optional[Tensor] = 
                 noise_std: float = 0.0) -> Tensor:
     """The gate generator's logits (B, R*(Cin/G + Cout + taps)) from the pooled input (B, Cin), plus
     ``noise_std * noise`` when ``noise`` is given. ``params``: :meth:`GateGenerator.generator_parameters`."""
+    return _hidden_and_logits(pooled, params, noise, noise_std)[1]
+
+
+def _hidden_and_logits(pooled, params, noise, noise_std) -> Tuple[Tensor, Tensor]:
+    """:func:`gate_logits` and the hidden features they come from."""
     share_weight, share_bias, in_weight, in_bias, out_weight, out_bias, tap_weight, tap_bias = params[:8]
     hidden = F.relu(F.linear(pooled, share_weight, share_bias))
     logits = torch.cat([F.linear(hidden, in_weight, in_bias), F.linear(hidden, out_weight, out_bias),
                         F.linear(hidden, tap_weight, tap_bias)], dim=1)
     if noise is not None:
         logits = logits + noise_std * noise
-    return logits
+    return hidden, logits
 
 
 def info_max_error(pooled: Tensor, logits: Tensor, params: List[Tensor]) -> Tensor:
@@ -148,8 +153,7 @@ def _gate_generator_backward(grad_gates: Tensor, grad_loss: Tensor, pooled: Tens
     head_weights = params[2:8:2]
     with autocast_off(pooled.device.type):
         pooled_in = pooled.to(share_weight.dtype)
-        hidden = F.relu(F.linear(pooled_in, share_weight, share_bias))
-        logits = gate_logits(pooled_in, params, noise, noise_std)
+        hidden, logits = _hidden_and_logits(pooled_in, params, noise, noise_std)
         sigmoids = torch.sigmoid(logits)
         grad_logits = grad_gates * sigmoids * (1 - sigmoids)
         grads: List[Optional[Tensor]] = [None] * 12

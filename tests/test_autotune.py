@@ -148,14 +148,14 @@ def test_cache_round_trip_and_entries_of_another_machine(measuring, monkeypatch,
                                 "entries": {other_key: {"path": "taps", "times_ms": {"taps": 1.0}}}}))
     monkeypatch.setenv(autotune.ENV_CACHE, str(path))
     autotune.TUNER.reset()
-    fake_clock(monkeypatch, {"unfold:matmul": 0.1})
+    fake_clock(monkeypatch, {"unfold:matmul": 0.1, "grouped:chunks": 2.0})  # grouped:chunks stops after its forward
     layer, x = layer_and_input()
     train_step(layer, x)
     assert autotune.TUNER.measured == 1  # the other machine's entry does not serve this one
     entries = json.loads(path.read_text())["entries"]
     assert entries[other_key]["path"] == "taps"
     (key,) = [k for k in entries if k != other_key]
-    assert entries[key]["path"] == "unfold:matmul"
+    assert entries[key]["path"] == "unfold:matmul" and entries[key]["pruned"] == ["grouped:chunks"]
     assert f" | {autotune.device_name('cpu')} | torch {torch.__version__} | " in key
     assert [p.name for p in path.parent.iterdir()] == ["autotune.json"]  # no temporary file left
 
@@ -164,6 +164,7 @@ def test_cache_round_trip_and_entries_of_another_machine(measuring, monkeypatch,
     train_step(layer, x)
     assert autotune.TUNER.measured == 0 and clock.runs == ["unfold:matmul"]
     assert "unfold:matmul (cache;" in pedconv.autotune_report()
+    assert "grouped:chunks 2000.00 ms (forward)" in pedconv.autotune_report()
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"format": "something-else", "entries": {}}),
