@@ -37,9 +37,15 @@ def _hidden_and_logits(pooled, params, noise, noise_std) -> Tuple[Tensor, Tensor
 def info_max_error(pooled: Tensor, logits: Tensor, params: List[Tensor]) -> Tensor:
     """Mean squared error of the pooled input reconstructed from the (noisy) logits by the decoder; the pooled input
     is the target, not trained through this loss."""
-    hidden_weight, hidden_bias, out_weight, out_bias = params[8:]
-    reconstructed = F.linear(F.relu(F.linear(logits, hidden_weight, hidden_bias)), out_weight, out_bias)
+    reconstructed = _decoded(logits, params)[1]
     return F.mse_loss(reconstructed.float(), pooled.detach().float())
+
+
+def _decoded(logits, params) -> Tuple[Tensor, Tensor]:
+    """The decoder's hidden features and its reconstruction of the pooled input, from the logits."""
+    hidden_weight, hidden_bias, out_weight, out_bias = params[8:]
+    hidden = F.relu(F.linear(logits, hidden_weight, hidden_bias))
+    return hidden, F.linear(hidden, out_weight, out_bias)
 
 
 class GateGenerator(nn.Module):
@@ -159,9 +165,8 @@ def _gate_generator_backward(grad_gates: Tensor, grad_loss: Tensor, pooled: Tens
         grads: List[Optional[Tensor]] = [None] * 12
         if info_max:
             # The decoder: loss = mean((D2 relu(D0 logits + d0) + d2 - pooled)^2), pooled a constant.
-            dec_weight, dec_bias, rec_weight, rec_bias = params[8:]
-            dec_hidden = F.relu(F.linear(logits, dec_weight, dec_bias))
-            reconstructed = F.linear(dec_hidden, rec_weight, rec_bias)
+            dec_weight, rec_weight = params[8], params[10]
+            dec_hidden, reconstructed = _decoded(logits, params)
             grad_rec = (grad_loss * 2 / reconstructed.numel()) * (reconstructed.float() - pooled.float())
             grad_rec = grad_rec.to(reconstructed.dtype)
             grads[10], grads[11] = grad_rec.t() @ dec_hidden, grad_rec.sum(0)
