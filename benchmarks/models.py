@@ -14,7 +14,8 @@ already hold. Ratios are within one run:
     python benchmarks/models.py --arch resnet18 -b 16 --no-reference --compile   # also under torch.compile
 
 On a GPU the three variants are also measured under AMP (float16 autocast, GradScaler) with channels_last. With
-``--compile`` the static and fast models are also measured compiled (``torch.compile``, default mode), and the first
+``--compile`` the static and fast models are also measured compiled (``torch.compile``, default mode, with
+:func:`pedconv.inductor_options` as the training engine passes them), and the first
 compiled step (the compilation) is timed on its own. PEDConv's
 ``auto`` measures its paths in the first (warm-up) step; the run prints the path chosen for each layer and what the
 measuring cost, in steps of the model. ``PEDCONV_AUTOTUNE=0`` runs the fixed rule instead.
@@ -235,7 +236,7 @@ def main(argv=None):
     for label, kind, amp, channels_last in chosen:
         model = build_variant(kind, args.arch, device, args.wmul, channels_last)
         if label.endswith("+compile"):
-            model = torch.compile(model)
+            model = torch.compile(model, options=pedconv.inductor_options(model))  # as the training engine
         steps[label] = make_train_step(model, args.batch_size, args.image_size, device, amp, channels_last)
         if label == "fast":
             fast_model, fast_inputs = model, record_inputs(model)

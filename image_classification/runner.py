@@ -460,7 +460,8 @@ def _session(args, context, loaders, report, report_path, checkpoint, accumulati
         device_ids = [context.device.index] if context.device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
     if args.compile:
-        wrapped = torch.compile(wrapped)  # compiles at the first step; checkpoints read the model inside
+        # Compiles at the first step; checkpoints read the model inside.
+        wrapped = torch.compile(wrapped, options=pedconv.inductor_options(model))
     mixup = Mixup(args.mixup, num_classes, args.label_smoothing) if args.mixup > 0 else None
     # val.loss as NVIDIA's: the training criterion on the hard labels, except with mixup (plain cross-entropy there)
     val_criterion = SoftTargetCrossEntropy(args.label_smoothing) if args.mixup <= 0 and args.label_smoothing else None

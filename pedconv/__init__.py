@@ -3,6 +3,7 @@
     from pedconv import PEDConv2d, info_max_loss, convert
 """
 from .autotune import autotune_report, is_autotune_enabled, set_autotune, share_choices
+from .compiling import inductor_options
 from .conv import GateGenerator, PEDConv2d
 from .convert import convert
 from .functional import METHODS, PATHS, choose_method, pedconv2d, pedconv2d_reference
@@ -16,6 +17,7 @@ __all__ = [
     "autotune_report",
     "choose_method",
     "convert",
+    "inductor_options",
     "info_max_loss",
     "is_autotune_enabled",
     "pedconv2d",

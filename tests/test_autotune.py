@@ -306,7 +306,7 @@ def test_compiled_model_equals_eager_on_every_path_without_graph_breaks(measurin
     explained = torch._dynamo.explain(compiled_model)(x.clone().requires_grad_(True))
     assert explained.graph_break_count == 0, explained.break_reasons
     torch._dynamo.reset()
-    compiled = torch.compile(compiled_model)
+    compiled = torch.compile(compiled_model, options=pedconv.inductor_options(compiled_model))  # as the engine
     outputs, grads = [], []
     for model in (eager, compiled):
         leaf = x.clone().requires_grad_(True)
@@ -320,6 +320,18 @@ def test_compiled_model_equals_eager_on_every_path_without_graph_breaks(measurin
     for compiled_grad, eager_grad in zip(grads[1], grads[0]):
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
 
+
+
+def test_inductor_options_turn_layout_optimization_off_for_pedconv_models_only():
+    """A PEDConv layer anywhere in the model (the optimization would convert every such layer's tensors between
+    layouts); a model without one compiles with Inductor's defaults."""
+    static = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3)))
+    assert pedconv.inductor_options(static) == {}
+    dynamic = pedconv.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3))))
+    assert isinstance(dynamic[1][1], PEDConv2d)
+    assert pedconv.inductor_options(dynamic) == {"layout_optimization": False}
+    import torch._inductor.config as inductor_config
+    assert hasattr(inductor_config, "layout_optimization")  # the setting exists under this name in this torch
 
 
 def test_compiled_gate_noise_is_eager_modes_draw():

@@ -492,12 +492,14 @@ def test_compile_wraps_the_training_model(data_root, tmp_path, monkeypatch):
 
     def fake_compile(module, **kwargs):
         calls.append(Compiled(module))
+        calls[-1].options = kwargs.get("options")
         return calls[-1]
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     workspace = tmp_path / "ws"
     assert run_main(tiny(data_root, workspace, "--dynamic", "--epochs", "1", "--prof", "2", "--compile")) == 0
     assert len(calls) == 1 and calls[0].forwards >= 3  # two training steps and the validation
+    assert calls[0].options == {"layout_optimization": False}  # pedconv.inductor_options of a PEDConv model
     _, train_steps, _, _ = report_lines(workspace / "raport.json")
     assert train_steps[0]["data"]["train.infomax_loss"] > 0  # the PEDConv layers are found through the wrapper
     assert checkpoints.load_checkpoint(workspace / "checkpoint.pth.tar").arch["dynamic"]
