@@ -256,6 +256,11 @@ MUTANTS: List[Mutant] = [
            "grad_logits = grad_gates * sigmoids * (1 - sigmoids)", "grad_logits = grad_gates * sigmoids",
            tests("tests/test_autotune.py", "-k", "compiled_model_equals"),
            "compiled gate generator: the gates' gradient misses the sigmoid's derivative"),
+    Mutant("compile-keeps-layout-optimization", "pedconv/compiling.py",
+           '        return {"layout_optimization": False}', "        return {}",
+           tests("tests/test_autotune.py::test_inductor_options_turn_layout_optimization_off_for_pedconv_models_only",
+                 "tests/test_dle.py::test_compile_wraps_the_training_model"),
+           "PEDConv models compile with Inductor's layout optimization (a conversion around every layer)"),
     # ---- measured path choice
     Mutant("autotune-prunes-close-candidates", "pedconv/autotune.py",
            "                if elapsed > limit:", "                if elapsed > limit / SECOND_ROUND_FACTOR:",
