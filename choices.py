@@ -25,5 +25,5 @@ LR_SCHEDULES = ("step", "linear", "cosine")
 
 # pedconv.METHODS + the paths of pedconv.PATHS that are not methods, in that order.
 PEDCONV_METHODS = ("auto", "grouped", "unfold", "taps", "reference", "triton", "grouped:chunks",
-                   "grouped:per-sample-input-grad", "unfold:conv", "unfold:matmul", "unfold:plain",
-                   "pointwise:per-sample", "pointwise:shared")
+                   "grouped:per-sample-input-grad", "unfold:conv", "unfold:matmul", "unfold:onednn-matmul",
+                   "unfold:plain", "pointwise:per-sample", "pointwise:shared")

@@ -22,7 +22,8 @@ Several ways to compute it, all equal up to rounding:
   a_in[b, i] * a_k[b, p] in the same pass, and multiplied by the *shared* W0; the output is then scaled by a_out.
   For small spatial maps and many channels, where per-sample kernels would be bandwidth-bound. The column products
   run either as 1x1 convolutions over channels_last views of the columns (``unfold:conv``: oneDNN on the CPU, cuDNN
-  on CUDA) or as matrix products (``unfold:matmul``: the BLAS); which is faster depends on the processor. The batch
+  on CUDA) or as matrix products (``unfold:matmul``: the BLAS; ``unfold:onednn-matmul``: oneDNN's, CPU only); which
+  is fastest depends on the processor. The batch
   goes through in chunks of samples (``COLUMN_CHUNK_BYTES`` of columns on the CPU), so the columns of a chunk are
   still cached when the product reads them and never exist for the whole batch. Its backward is written by hand so
   that the weight gradient is one product (accumulated over the chunks) too: autograd through a broadcast matmul
@@ -56,13 +57,15 @@ from .paths.grouped import GROUPED_CHUNK_SAMPLES, grouped_forward
 from .paths.pointwise import pointwise_per_sample, pointwise_shared
 from .paths.reference import pedconv2d_reference
 from .paths.taps import taps_composed
-from .paths.unfold import unfold_composed, unfold_gemm
+from .paths.unfold import PRODUCTS, onednn_matmul_available, unfold_composed, unfold_gemm
 
 METHODS = ("auto", "grouped", "unfold", "taps", "reference", "triton")
 # The concrete paths that a method runs on (``method`` also takes these names, e.g. ``method="unfold:matmul"``):
 # the candidates that ``auto`` measures, and what the fixed rule picks among.
-PATHS = ("grouped", "grouped:chunks", "grouped:per-sample-input-grad", "unfold:conv", "unfold:matmul", "unfold:plain",
-         "taps", "pointwise:per-sample", "pointwise:shared")
+PATHS = ("grouped", "grouped:chunks", "grouped:per-sample-input-grad", "unfold:conv", "unfold:matmul",
+         "unfold:onednn-matmul", "unfold:plain", "taps", "pointwise:per-sample", "pointwise:shared")
+# The unfold paths with hand-written products (groups 1), and how each runs its column products.
+_UNFOLD_PRODUCTS = {f"unfold:{products}": products for products in PRODUCTS}
 
 
 def choose_method(in_channels: int, out_channels: int, kernel: IntPair, groups: int, out_size: IntPair, *,
@@ -112,18 +115,20 @@ def method_path(method: str, device_type: str, kernel: IntPair, groups: int, pad
 
 
 def candidate_paths(device_type: str, batch: int, kernel: IntPair, groups: int, padding: IntPair,
-                    training: bool, in_channels: Optional[int] = None, out_pixels: Optional[int] = None) -> List[str]:
+                    training: bool, in_channels: Optional[int] = None, out_pixels: Optional[int] = None,
+                    dtype: torch.dtype = torch.float32) -> List[str]:
     """The paths ``auto`` measures for one layer shape: every exact fast path whose speed depends on the processor.
 
     1x1: per-sample matrices (groups 1, no padding; in training only where a sample's (Cout, Cin) matrix is no
     larger than its (Cout, ``out_pixels``) output, ``in_channels`` <= ``out_pixels``: the backward keeps the
-    matrices, and bigger ones would take the model past the memory of a static one: ResNet-50 with them on its 14x14
-    and 7x7 1x1 layers peaks at 1.94x static, against 1.18x) and the shared weight. k x k: per-sample kernels over the whole
-    batch and in chunks of ``GROUPED_CHUNK_SAMPLES`` (when the batch is larger), for training also with the input
-    gradient as one transposed convolution per sample (``grouped:per-sample-input-grad``), the shared-weight columns
-    with the products as convolutions and as matrix products (groups 1), and, for evaluation only, the per-tap path (its
-    autograd keeps kh*kw output-sized tensors for the backward: too much memory for training). The fused ``triton``
-    kernels on CUDA (groups 1).
+    matrices, and bigger ones would take the model well past the memory of a static one: ResNet-50 with them on its
+    14x14 and 7x7 1x1 layers, measured in ``benchmarks/results/pedconv_paths.md``) and the shared weight. k x k:
+    per-sample kernels over the whole batch and in chunks of ``GROUPED_CHUNK_SAMPLES`` (when the batch is larger),
+    for training also with the input gradient as one transposed convolution per sample
+    (``grouped:per-sample-input-grad``), the shared-weight columns with the products as convolutions and as matrix
+    products (groups 1: the BLAS's, and on the CPU oneDNN's where it takes ``dtype``), and, for evaluation only, the
+    per-tap path (its autograd keeps kh*kw output-sized tensors for the backward: too much memory for training). The
+    fused ``triton`` kernels on CUDA (groups 1).
     """
     if kernel == (1, 1):
         small_matrices = not training or in_channels is None or out_pixels is None or in_channels <= out_pixels
@@ -137,6 +142,8 @@ def candidate_paths(device_type: str, batch: int, kernel: IntPair, groups: int, 
             paths.append("grouped:per-sample-input-grad")
         if groups == 1:
             paths += ["unfold:conv", "unfold:matmul"]
+            if onednn_matmul_available(device_type, dtype):
+                paths.append("unfold:onednn-matmul")
         if not training:
             paths.append("taps")
     if device_type == "cuda" and groups == 1:
@@ -228,8 +235,8 @@ def run_path(path: str, x, weight, gate_out, gate_in, gate_tap, bias, stride: In
             out = pointwise_per_sample(x, weight, out_scale, gate_in, stride)
         else:
             out = pointwise_shared(x, weight, out_scale, gate_in, stride, padding, dilation, groups)
-    elif path in ("unfold:conv", "unfold:matmul") and groups == 1 and not plain_ops_only():
-        out = unfold_gemm(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, path == "unfold:matmul")
+    elif path in _UNFOLD_PRODUCTS and groups == 1 and not plain_ops_only():
+        out = unfold_gemm(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, _UNFOLD_PRODUCTS[path])
     elif path.startswith("unfold"):
         out = unfold_composed(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, groups)
     elif path == "triton":
@@ -269,7 +276,7 @@ def layer_spec(x_shape, device: torch.device, dtype: torch.dtype, channels_last:
         padding=tuple(padding), dilation=tuple(dilation), groups=groups, rank=int(rank), size=(height, width),
         training=training, fixed=method_path(fixed, device.type, (kh, kw), groups, tuple(padding)),
         candidates=tuple(candidate_paths(device.type, batch, (kh, kw), groups, tuple(padding), training,
-                                         in_channels, out_size[0] * out_size[1])),
+                                         in_channels, out_size[0] * out_size[1], dtype)),
         requires_grad=tuple(requires_grad),
     )
 

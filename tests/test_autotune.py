@@ -13,6 +13,10 @@ import pedconv
 import pedconv.functional as functional
 from image_classification.distributed import exit_process
 from pedconv import PEDConv2d, autotune
+from pedconv.paths.unfold import onednn_matmul_available
+
+# oneDNN's matrix product is a candidate on the CPU wherever this PyTorch has it (every x86 wheel).
+ONEDNN = ["unfold:onednn-matmul"] if onednn_matmul_available("cpu", torch.float32) else []
 
 
 class FakeClock:
@@ -68,7 +72,7 @@ def test_choice_is_made_once_per_key_and_reused(measuring, monkeypatch):
     assert autotune.TUNER.measured == 1
     # Each candidate once, the best (the only one within 3x of it) again, then the three steps on the choice.
     assert clock.runs == ["grouped", "grouped:chunks", "grouped:per-sample-input-grad", "unfold:conv",
-                          "unfold:matmul"] + ["unfold:matmul"] * 4
+                          "unfold:matmul"] + ONEDNN + ["unfold:matmul"] * 4
     assert layer.path_for(x, training=True) == "unfold:matmul"
     train_step(layer, x[:5])  # another batch of the same bucket (<= 8): same key
     assert autotune.TUNER.measured == 1
@@ -94,13 +98,14 @@ def test_fixed_path_runs_first_and_hopeless_candidates_skip_their_backward(measu
     layer, x = layer_and_input(cin=32, cout=32, size=4)  # kernel over twice the output map: the rule says unfold
     layer.train()(x)  # the first call measures
     assert clock.runs == ["unfold:conv", "grouped", "grouped:chunks", "grouped:per-sample-input-grad",
-                          "unfold:matmul", "unfold:matmul", "unfold:conv", "unfold:matmul"]  # the last: the call's own
+                          "unfold:matmul"] + ONEDNN + [
+                          "unfold:matmul", "unfold:conv", "unfold:matmul"]  # the last: the call's own
     # unfold:conv and unfold:matmul twice each, with their backward; the other three stopped after their forward
     # (grouped:chunks too, although its forward is within 3x of the best).
     assert len(backward_calls) == 4
     (decision,) = autotune.TUNER.decisions.values()
     assert decision.path == "unfold:matmul"
-    assert set(decision.pruned) == {"grouped", "grouped:chunks", "grouped:per-sample-input-grad"}
+    assert set(decision.pruned) == {"grouped", "grouped:chunks", "grouped:per-sample-input-grad"} | set(ONEDNN)
     assert "grouped:chunks 250.00 ms (forward)" in pedconv.autotune_report()
     assert "unfold:conv 100.00 ms," in pedconv.autotune_report()
 
@@ -115,11 +120,15 @@ def test_candidate_sets_per_shape(monkeypatch):
     assert functional.candidate_paths("cpu", 16, (1, 1), 1, (0, 0), True, 257, 256) == ["pointwise:shared"]
     assert functional.candidate_paths("cpu", 16, (1, 1), 1, (0, 0), False, 257, 256)[0] == "pointwise:per-sample"
     assert functional.candidate_paths("cpu", 16, (3, 3), 1, (1, 1), True) == [
-        "grouped", "grouped:chunks", "grouped:per-sample-input-grad", "unfold:conv", "unfold:matmul"]
+        "grouped", "grouped:chunks", "grouped:per-sample-input-grad", "unfold:conv", "unfold:matmul"] + ONEDNN
     assert functional.candidate_paths("cpu", 16, (3, 3), 1, (1, 1), False) == [  # evaluation: forward only
-        "grouped", "grouped:chunks", "unfold:conv", "unfold:matmul", "taps"]
+        "grouped", "grouped:chunks", "unfold:conv", "unfold:matmul"] + ONEDNN + ["taps"]
     assert functional.candidate_paths("cpu", 4, (3, 3), 1, (1, 1), True) == [
-        "grouped", "grouped:per-sample-input-grad", "unfold:conv", "unfold:matmul"]
+        "grouped", "grouped:per-sample-input-grad", "unfold:conv", "unfold:matmul"] + ONEDNN
+    # oneDNN's matrix product takes float32 (and bfloat16 where supported) CPU tensors only.
+    assert "unfold:onednn-matmul" not in functional.candidate_paths("cpu", 16, (3, 3), 1, (1, 1), True,
+                                                                    dtype=torch.float64)
+    assert "unfold:onednn-matmul" not in functional.candidate_paths("cuda", 16, (3, 3), 1, (1, 1), True)
     assert functional.candidate_paths("cpu", 16, (3, 3), 2, (1, 1), True) == [
         "grouped", "grouped:chunks", "grouped:per-sample-input-grad"]
     assert functional.candidate_paths("cuda", 16, (3, 3), 1, (1, 1), True)[-1] == "triton"
@@ -155,7 +164,8 @@ def test_cache_round_trip_and_entries_of_another_machine(measuring, monkeypatch,
     entries = json.loads(path.read_text())["entries"]
     assert entries[other_key]["path"] == "taps"
     (key,) = [k for k in entries if k != other_key]
-    assert entries[key]["path"] == "unfold:matmul" and entries[key]["pruned"] == ["grouped:chunks"]
+    # unfold:onednn-matmul runs after unfold:matmul, at ten times its cost: stopped after its forward too.
+    assert entries[key]["path"] == "unfold:matmul" and entries[key]["pruned"] == ["grouped:chunks"] + ONEDNN
     assert f" | {autotune.device_name('cpu')} | torch {torch.__version__} | " in key
     assert [p.name for p in path.parent.iterdir()] == ["autotune.json"]  # no temporary file left
 
@@ -287,7 +297,7 @@ def test_ddp_ranks_take_rank_zeros_choices(tmp_path, monkeypatch):
 
 def test_compiled_model_equals_eager_on_every_path_without_graph_breaks(measuring):
     """One small model with a layer on each path (and one on auto, measured while compiling)."""
-    paths = ["grouped", "grouped:chunks", "unfold:conv", "unfold:matmul", "taps", "auto"]
+    paths = ["grouped", "grouped:chunks", "unfold:conv", "unfold:matmul", "taps", "auto"] + ONEDNN
 
     def build():
         torch.manual_seed(0)

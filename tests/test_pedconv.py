@@ -13,6 +13,7 @@ from pedconv import PEDConv2d, info_max_loss
 from pedconv.paths.common import conv_output_size, pair
 from pedconv.paths.reference import modulation
 from pedconv.paths import unfold as unfold_path
+from pedconv.paths.unfold import onednn_matmul_available
 
 # (in, out, kernel, stride, padding, dilation, groups, size, batch, rank, channels_last)
 CONFIGS = {
@@ -76,7 +77,7 @@ def assert_close(actual, expected, what):
 
 
 @pytest.mark.parametrize("method", ["auto", "grouped", "unfold", "taps", "grouped:chunks",
-                                    "grouped:per-sample-input-grad"])
+                                    "grouped:per-sample-input-grad", "unfold:matmul", "unfold:onednn-matmul"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fast_paths_equal_reference_forward_and_gradients(name, method):
     cfg = CONFIGS[name]
@@ -257,8 +258,16 @@ def test_bad_constructor_arguments():
         PEDConv2d(8, 12, 3, padding_mode="reflect")
 
 
-@pytest.mark.parametrize("method", ["auto", "unfold", "grouped"])
+def test_onednn_matmul_path_names_what_it_cannot_run():
+    layer = PEDConv2d(8, 12, 3, padding=1, method="unfold:onednn-matmul").double()
+    with pytest.raises(ValueError, match="'unfold:onednn-matmul' needs CPU tensors of float32 .* got cpu torch.float64"):
+        layer(torch.randn(2, 8, 5, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["auto", "unfold", "grouped", "unfold:onednn-matmul"])
 def test_bfloat16_autocast_on_cpu(method):
+    if method == "unfold:onednn-matmul" and not onednn_matmul_available("cpu", torch.bfloat16):
+        pytest.skip("oneDNN has no bfloat16 matrix product on this processor")
     cfg = CONFIGS["stride2"]
     layer = make_layer(cfg, method).train()
     x = make_input(cfg).requires_grad_(True)

@@ -1,5 +1,6 @@
 """The ``unfold`` path: a shared-weight product on gated im2col columns, with a hand-written backward
-(``unfold:conv`` and ``unfold:matmul`` for groups 1; ``unfold:plain``, in plain ops, for any groups and for export)."""
+(``unfold:conv``, ``unfold:matmul`` and ``unfold:onednn-matmul`` for groups 1; ``unfold:plain``, in plain ops, for any
+groups and for export)."""
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -88,6 +89,37 @@ def _gated_columns(windows, scale, start, stop, buffer):
     return torch.mul(windows[start:stop], scale[start:stop], out=buffer[: stop - start])
 
 
+# How the column products run: 1x1 convolutions over channels_last views of the columns (oneDNN on the CPU, cuDNN
+# on CUDA), matrix products through the BLAS (``torch.mm``), or oneDNN's matrix product (CPU only; see
+# :func:`onednn_matmul_available`). Which is fastest depends on the processor and its libraries.
+PRODUCTS = ("conv", "matmul", "onednn-matmul")
+
+
+def onednn_matmul_available(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this PyTorch has oneDNN's matrix product for CPU tensors of ``dtype`` (``torch.ops.mkldnn.
+    _linear_pointwise``, an internal op that Inductor's CPU backend uses; float32, and bfloat16 where oneDNN supports
+    it on this processor): some processors run it faster than the BLAS's ``torch.mm``."""
+    if device_type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
+# A constant while torch.compile traces (torch._dynamo.assume_constant_result, without importing torch._dynamo):
+# the compiler does not trace into torch.backends.
+onednn_matmul_available._dynamo_marked_constant = True
+
+
+def check_products(products: str, device_type: str, dtype: torch.dtype) -> None:
+    """A clear error for column products that cannot run on this device and dtype."""
+    if products == "onednn-matmul" and not onednn_matmul_available(device_type, dtype):
+        raise ValueError(f"PEDConv path 'unfold:onednn-matmul' needs CPU tensors of float32 (or bfloat16 where oneDNN "
+                         f"supports it) and a PyTorch built with oneDNN; got {device_type} {dtype}")
+
+
 def _unfold_out_size(x, weight, stride, padding, dilation):
     return conv_output_size(tuple(x.shape[-2:]), tuple(weight.shape[-2:]), stride, padding, dilation)
 
@@ -95,14 +127,14 @@ def _unfold_out_size(x, weight, stride, padding, dilation):
 @torch.library.custom_op("pedconv::unfold_forward", mutates_args=())
 def _unfold_forward(x: Tensor, weight: Tensor, gate_out: Tensor, gate_in: Tensor, gate_tap: Tensor,
                     stride: List[int], padding: List[int], dilation: List[int], channels_last: bool,
-                    matmul: bool) -> Tuple[Tensor, Tensor]:
+                    products: str) -> Tuple[Tensor, Tensor]:
     """Rank-1, groups=1 PEDConv via gated im2col and one shared-weight product: (output, raw output rows).
 
     Gates are (B, C). All tensors arrive in one dtype (see :func:`in_one_dtype`). The batch is processed in chunks
     of samples (see ``COLUMN_CHUNK_BYTES``), so that the gated columns never exist for the whole batch at once. The
     backward gets only the input (which the layer before keeps anyway) and the raw output (NHWC rows before the
     output gate), and gathers the columns again: one more gather pass, for memory close to a static convolution's.
-    ``matmul``: the column products as matrix products (BLAS) instead of 1x1 convolutions.
+    ``products``: how the column products run, one of ``PRODUCTS``.
     """
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     out_size = _unfold_out_size(x, weight, stride, padding, dilation)
@@ -115,7 +147,7 @@ def _unfold_forward(x: Tensor, weight: Tensor, gate_out: Tensor, gate_in: Tensor
     for start, stop in chunks:
         columns = _gated_columns(windows, scale, start, stop, buffer)
         _rows_times_weight_t(columns.view(-1, weight_rows.shape[1]), weight_rows, raw[start * rows : stop * rows],
-                             matmul)
+                             products)
     raw_nchw = raw.view(batch, out_size[0], out_size[1], out_channels).permute(0, 3, 1, 2)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty_like(raw_nchw, memory_format=memory_format)
@@ -124,7 +156,8 @@ def _unfold_forward(x: Tensor, weight: Tensor, gate_out: Tensor, gate_in: Tensor
 
 
 @_unfold_forward.register_fake
-def _unfold_forward_fake(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, channels_last, matmul):
+def _unfold_forward_fake(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, channels_last,
+                         products):
     out_h, out_w = _unfold_out_size(x, weight, stride, padding, dilation)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty((x.shape[0], weight.shape[0], out_h, out_w), dtype=x.dtype, device=x.device,
@@ -135,7 +168,7 @@ def _unfold_forward_fake(x, weight, gate_out, gate_in, gate_tap, stride, padding
 @torch.library.custom_op("pedconv::unfold_backward", mutates_args=())
 def _unfold_backward(grad_out: Tensor, x: Tensor, weight: Tensor, gate_out: Tensor, gate_in: Tensor,
                      gate_tap: Tensor, raw: Tensor, stride: List[int], padding: List[int], dilation: List[int],
-                     matmul: bool, needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     products: str, needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of :func:`_unfold_forward` for x, weight and the three gates; an empty tensor where ``needs`` is
     False."""
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
@@ -159,7 +192,7 @@ def _unfold_backward(grad_out: Tensor, x: Tensor, weight: Tensor, gate_out: Tens
             # As (Cout, kh*kw*Cin): its rows are the weight's own rows, so that the final reordering to
             # (Cout, Cin, kh, kw) reads each output row from one place (from a (kh*kw*Cin, Cout) product it would
             # gather every element from another page: slower than the product itself for the 7x7 layers).
-            partial = torch.mm(grad_rows.t(), columns.view(grad_rows.shape[0], -1))
+            partial = _rows_t_times(grad_rows, columns.view(grad_rows.shape[0], -1), products)
             del columns
             if grad_weight_rows is None:
                 grad_weight_rows = partial.to(torch.promote_types(partial.dtype, torch.float32))
@@ -169,7 +202,8 @@ def _unfold_backward(grad_out: Tensor, x: Tensor, weight: Tensor, gate_out: Tens
             # The column gradient is a fresh product: the columns' buffer goes first, and the product serves
             # as the next chunk's buffer (chunks only shrink), so one chunk-sized block is live at a time.
             buffer = None
-            grad_columns = _rows_times_weight(grad_rows, weight_rows, matmul).view((stop - start,) + windows.shape[1:])
+            grad_columns = _rows_times_weight(grad_rows, weight_rows, products).view(
+                (stop - start,) + windows.shape[1:])
             buffer = grad_columns
             if need_x:
                 # Tap gates folded into the col2im sums, channel gates applied once on the input-sized result.
@@ -217,15 +251,15 @@ def _gradients_from_sums(x, weight, gate_in, gate_tap, padding, grad_padded, gra
 
 
 @_unfold_backward.register_fake
-def _unfold_backward_fake(grad_out, x, weight, gate_out, gate_in, gate_tap, raw, stride, padding, dilation, matmul,
-                          needs):
+def _unfold_backward_fake(grad_out, x, weight, gate_out, gate_in, gate_tap, raw, stride, padding, dilation,
+                          products, needs):
     return gradients_like(needs, x, weight, gate_out, gate_in, gate_tap)
 
 
 def _unfold_setup_context(ctx, inputs, output):
-    x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, _, matmul = inputs
+    x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, _, products = inputs
     ctx.save_for_backward(x, weight, gate_out, gate_in, gate_tap, output[1])
-    ctx.conv = (stride, padding, dilation, matmul)
+    ctx.conv = (stride, padding, dilation, products)
 
 
 def _unfold_autograd(ctx, grad_out, _grad_raw):
@@ -237,21 +271,39 @@ def _unfold_autograd(ctx, grad_out, _grad_raw):
 _unfold_forward.register_autograd(_unfold_autograd, setup_context=_unfold_setup_context)
 
 
-def _rows_times_weight_t(rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, matmul: bool) -> torch.Tensor:
-    """rows (n, K) @ weight.T for a weight (N, K), written into ``out`` (n, N): a matrix product, or a 1x1
-    convolution over a channels_last view of the rows (n pixels of K channels), which the convolution libraries
-    (oneDNN, cuDNN) run faster than the BLAS on some processors."""
-    if matmul:
+def _rows_times_weight_t(rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, products: str) -> torch.Tensor:
+    """rows (n, K) @ weight.T for a weight (N, K), written into ``out`` (n, N): a matrix product (the BLAS's or
+    oneDNN's), or a 1x1 convolution over a channels_last view of the rows (n pixels of K channels), which the
+    convolution libraries (oneDNN, cuDNN) run faster than the BLAS on some processors."""
+    if products == "matmul":
         return torch.mm(rows, weight.t(), out=out)
+    if products == "onednn-matmul":
+        return out.copy_(_onednn_matmul(rows, weight))
     return out.copy_(_rows_of(F.conv2d(_pixels_of(rows), weight.view(weight.shape[0], weight.shape[1], 1, 1))))
 
 
-def _rows_times_weight(rows: torch.Tensor, weight: torch.Tensor, matmul: bool) -> torch.Tensor:
+def _rows_times_weight(rows: torch.Tensor, weight: torch.Tensor, products: str) -> torch.Tensor:
     """rows (n, N) @ weight for a weight (N, K): a fresh contiguous (n, K) product; a matrix product or a 1x1
     transposed convolution (as :func:`_rows_times_weight_t`; it takes the weight as it is, no transposed copy)."""
-    if matmul:
+    if products == "matmul":
         return torch.mm(rows, weight)
+    if products == "onednn-matmul":
+        return _onednn_matmul(rows, weight.t())
     return _rows_of(F.conv_transpose2d(_pixels_of(rows), weight.view(weight.shape[0], weight.shape[1], 1, 1)))
+
+
+def _rows_t_times(rows: torch.Tensor, columns: torch.Tensor, products: str) -> torch.Tensor:
+    """rows.T @ columns for rows (n, N) and columns (n, K): the weight gradient's (N, K) rows (a matrix product in
+    every mode but ``onednn-matmul``: a 1x1 convolution's weight gradient gained nothing over it)."""
+    if products == "onednn-matmul":
+        return _onednn_matmul(rows.t(), columns.t())
+    return torch.mm(rows.t(), columns)
+
+
+def _onednn_matmul(left: torch.Tensor, right_t: torch.Tensor) -> torch.Tensor:
+    """left (n, K) @ right_t.T for right_t (N, K), through oneDNN's matrix product (which takes both as strided
+    views: no transposed copies)."""
+    return torch.ops.mkldnn._linear_pointwise(left, right_t, None, "none", [], "")
 
 
 def _pixels_of(rows: torch.Tensor) -> torch.Tensor:
@@ -274,15 +326,16 @@ def _col2im_into(grad_padded, grad_columns, kernel, stride, dilation, tap_scale)
             targets[:, :, :, row, col].addcmul_(grad_columns[:, :, :, row, col], tap)
 
 
-def unfold_gemm(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, matmul):
+def unfold_gemm(x, weight, gate_out, gate_in, gate_tap, stride, padding, dilation, products):
     """Sum of rank-1 :func:`_unfold_forward` terms, run in one dtype (autocast's, when it is on)."""
     x, weight, gate_out, gate_in, gate_tap = in_one_dtype(x, weight, gate_out, gate_in, gate_tap)
+    check_products(products, x.device.type, x.dtype)
     channels_last = memory_format_of(x) == torch.channels_last
     out = None
     with autocast_off(x.device.type):
         for r in range(gate_out.shape[1]):
             term, _ = _unfold_forward(x, weight, gate_out[:, r], gate_in[:, r], gate_tap[:, r], list(stride),
-                                      list(padding), list(dilation), channels_last, matmul)
+                                      list(padding), list(dilation), channels_last, products)
             out = term if out is None else out + term
     return out
 
